@@ -1,0 +1,122 @@
+"""The two tables other applications see, declared once for SQLAlchemy and Alembic.
+
+Every column but `request_id` has a server-side default or is nullable, so that a bare
+`INSERT INTO tracker_batches (request_id) VALUES (...)` from any application works.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Dialect
+
+from tracker.domain.states import ACTIVE_STATES, State
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Timestamps are UTC on both backends and always come back timezone-aware.
+
+    SQLite has no timezone type: values are stored as naive UTC text, in the same
+    'YYYY-MM-DD HH:MM:SS' shape CURRENT_TIMESTAMP produces, so the two compare as text.
+    """
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given where UTC is required")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if isinstance(value, str):  # written by another application in its own format
+            value = datetime.fromisoformat(value)
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+metadata = sa.MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_state_list = ", ".join(f"'{s.value}'" for s in State)
+_active_list = ", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
+ACTIVE_PREDICATE = f"state IN ({_active_list})"
+
+batches = sa.Table(
+    "tracker_batches",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("request_id", sa.Text, nullable=False, unique=True),
+    sa.Column("label", sa.Text, nullable=True),
+    sa.Column("state", sa.String(16), nullable=False, server_default=State.PENDING.value),
+    sa.Column(
+        "created_at", UTCDateTime, nullable=False, server_default=sa.func.current_timestamp()
+    ),
+    sa.Column(
+        "updated_at", UTCDateTime, nullable=False, server_default=sa.func.current_timestamp()
+    ),
+    sa.Column("next_check_at", UTCDateTime, nullable=True),
+    sa.Column("checks", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("api_status", sa.Integer, nullable=True),
+    sa.Column("api_message", sa.Text, nullable=True),
+    sa.Column("file_path", sa.Text, nullable=True),
+    sa.Column("file_size", sa.BigInteger, nullable=True),
+    sa.Column("file_sha256", sa.String(64), nullable=True),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.Column("finished_at", UTCDateTime, nullable=True),
+    # Consecutive answers of one kind, for backoff and for giving up.
+    sa.Column("faults", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("rejections", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("download_attempts", sa.Integer, nullable=False, server_default="0"),
+    # The lease: who works on the batch until when. The token only ever grows (fencing):
+    # every write by a worker names the token it claimed with.
+    sa.Column("lease_owner", sa.Text, nullable=True),
+    sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    sa.CheckConstraint(f"state IN ({_state_list})", name="state"),
+    # Claiming looks only at unfinished rows; a partial index keeps that cheap however
+    # many finished batches the table holds.
+    sa.Index(
+        "ix_tracker_batches_due",
+        "next_check_at",
+        sqlite_where=sa.text(ACTIVE_PREDICATE),
+        postgresql_where=sa.text(ACTIVE_PREDICATE),
+    ),
+    sa.Index("ix_tracker_batches_state", "state"),
+)
+
+transitions = sa.Table(
+    "tracker_transitions",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column(
+        "batch_id",
+        sa.Integer,
+        sa.ForeignKey("tracker_batches.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column("request_id", sa.Text, nullable=False),
+    sa.Column("from_state", sa.String(16), nullable=False),
+    sa.Column("to_state", sa.String(16), nullable=False),
+    sa.Column("at", UTCDateTime, nullable=False, server_default=sa.func.current_timestamp()),
+    sa.Column("api_status", sa.Integer, nullable=True),
+    sa.Column("api_message", sa.Text, nullable=True),
+    sa.Column("detail", sa.Text, nullable=True),
+    sa.CheckConstraint("from_state <> to_state", name="changes_state"),
+    sa.Index("ix_tracker_transitions_batch_id", "batch_id", "id"),
+)

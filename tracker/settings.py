@@ -1,0 +1,246 @@
+"""The one Settings object: environment variables `TRACKER_*`, optionally a TOML file.
+
+The environment wins over the file. Every problem is reported as one SettingsError that
+names the setting, so the CLI can print a single clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tracker.domain.policy import PollPolicy
+
+# Requests per second, minute and day on each of Deepvue's published plans.
+PLANS: Mapping[str, tuple[int, int, int]] = {
+    "starter": (1, 30, 1_000),
+    "business": (2, 100, 10_000),
+    "growth": (5, 500, 20_000),
+    "enterprise": (17, 1_000, 50_000),
+}
+ENV_PREFIX = "TRACKER_"
+
+
+class SettingsError(ValueError):
+    """A setting is missing or invalid; the message names it."""
+
+
+def _duration(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _host_patterns(text: str) -> tuple[str, ...]:
+    patterns = tuple(p.strip().lower() for p in text.split(",") if p.strip())
+    if not patterns:
+        raise ValueError("needs at least one host pattern")
+    return patterns
+
+
+def _base_url(text: str) -> str:
+    url = text.strip().rstrip("/")
+    if not url.startswith(("https://", "http://")):
+        raise ValueError("must be an http(s) URL")
+    return url
+
+
+def _database_url(text: str) -> str:
+    url = text.strip()
+    if not url.startswith(("sqlite:", "postgresql")):
+        raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+    return url
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError("must be one of debug, info, warning, error")
+    return value
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+def _mode(text: str) -> int:
+    value = int(text, 8)
+    if value & 0o007:
+        raise ValueError("output files must not be world-accessible (e.g. 640)")
+    if not value & 0o600 == 0o600:
+        raise ValueError("the owner must be able to read and write (e.g. 640)")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str = "sqlite:///tracker.db"
+    output_dir: Path = Path("./downloads")
+    api_base_url: str = "https://production.deepvue.tech"
+    client_id: str | None = None
+    client_secret: str | None = field(default=None, repr=False)
+    client_secret_file: Path | None = None
+    sweep_interval: float = 5.0
+    poll_min_interval: float = 30.0
+    poll_max_interval: float = 900.0
+    max_age: float = 7 * 86400.0
+    plan: str = "starter"
+    rate_per_second: int = PLANS["starter"][0]
+    rate_per_minute: int = PLANS["starter"][1]
+    rate_per_day: int = PLANS["starter"][2]
+    concurrency: int = 8
+    http_timeout: float = 30.0
+    download_allowed_hosts: tuple[str, ...] = ("*.amazonaws.com",)
+    download_deadline: float = 3600.0
+    file_mode: int = 0o640
+    lease_duration: float = 300.0
+    shutdown_grace: float = 20.0
+    log_format: str = "json"
+    log_level: str = "INFO"
+
+    @property
+    def poll_policy(self) -> PollPolicy:
+        return PollPolicy(
+            min_interval=self.poll_min_interval,
+            max_interval=self.poll_max_interval,
+            max_age=self.max_age,
+        )
+
+    def read_client_secret(self) -> str:
+        """The secret as of now: a secret file is re-read at every call, so it can be rotated."""
+        if self.client_secret_file is not None:
+            try:
+                secret = self.client_secret_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise SettingsError(
+                    f"TRACKER_CLIENT_SECRET_FILE: cannot read {self.client_secret_file}: "
+                    f"{error.strerror}"
+                ) from None
+            if not secret:
+                raise SettingsError(
+                    f"TRACKER_CLIENT_SECRET_FILE: {self.client_secret_file} is empty"
+                )
+            return secret
+        if self.client_secret:
+            return self.client_secret
+        raise SettingsError("TRACKER_CLIENT_SECRET or TRACKER_CLIENT_SECRET_FILE must be set")
+
+    def require_credentials(self) -> None:
+        """Fail now, not at the first status call, when the API credentials are missing."""
+        if not self.client_id:
+            raise SettingsError("TRACKER_CLIENT_ID must be set")
+        self.read_client_secret()
+
+
+# name -> parser; the name is the TOML key and, upper-cased with the prefix, the variable.
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "database_url": _database_url,
+    "output_dir": lambda text: Path(text.strip()),
+    "api_base_url": _base_url,
+    "client_id": _text,
+    "client_secret": _text,
+    "client_secret_file": lambda text: Path(text.strip()),
+    "sweep_interval": _duration,
+    "poll_min_interval": _duration,
+    "poll_max_interval": _duration,
+    "max_age": _duration,
+    "plan": _choice(*PLANS),
+    "rate_per_second": _count,
+    "rate_per_minute": _count,
+    "rate_per_day": _count,
+    "concurrency": _count,
+    "http_timeout": _duration,
+    "download_allowed_hosts": _host_patterns,
+    "download_deadline": _duration,
+    "file_mode": _mode,
+    "lease_duration": _duration,
+    "shutdown_grace": _duration,
+    "log_format": _choice("json", "console"),
+    "log_level": _log_level,
+}
+assert set(_PARSERS) == {f.name for f in fields(Settings)}
+
+
+def _read_toml(path: Path) -> dict[str, str]:
+    try:
+        with path.open("rb") as handle:
+            document = tomllib.load(handle)
+    except OSError as error:
+        raise SettingsError(f"config file {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SettingsError(f"config file {path}: not valid TOML ({error})") from None
+    values: dict[str, str] = {}
+    for key, value in document.items():
+        name = key.lower().removeprefix("tracker_")
+        if name not in _PARSERS:
+            raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        if isinstance(value, list):
+            value = ",".join(str(item) for item in value)
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise SettingsError(f"config file {path}: {key} must be a string or a number")
+        values[name] = str(value)
+    return values
+
+
+def load_settings(
+    environ: Mapping[str, str] | None = None, config_file: Path | None = None
+) -> Settings:
+    """Settings from a TOML file (if named) overlaid with the `TRACKER_*` environment."""
+    environ = os.environ if environ is None else environ
+    if config_file is None and environ.get("TRACKER_CONFIG"):
+        config_file = Path(environ["TRACKER_CONFIG"])
+    raw: dict[str, str] = _read_toml(config_file) if config_file is not None else {}
+    for name in _PARSERS:
+        value = environ.get(ENV_PREFIX + name.upper())
+        if value is not None and value != "":
+            raw[name] = value
+
+    parsed: dict[str, Any] = {}
+    for name, text in raw.items():
+        try:
+            parsed[name] = _PARSERS[name](text)
+        except ValueError as error:
+            reason = str(error) if "invalid literal" not in str(error) else "not a number"
+            shown = "***" if "secret" in name else repr(text)
+            raise SettingsError(f"{ENV_PREFIX}{name.upper()}={shown}: {reason}") from None
+
+    # A plan fills in the three rates unless they are given one by one.
+    plan = parsed.get("plan", Settings.plan)
+    for name, preset in zip(
+        ("rate_per_second", "rate_per_minute", "rate_per_day"), PLANS[plan], strict=True
+    ):
+        parsed.setdefault(name, preset)
+    if "log_format" not in parsed:
+        parsed["log_format"] = "json" if not sys.stdout.isatty() else "console"
+
+    settings = Settings(**parsed)
+    if settings.poll_min_interval > settings.poll_max_interval:
+        raise SettingsError(
+            "TRACKER_POLL_MIN_INTERVAL must not exceed TRACKER_POLL_MAX_INTERVAL "
+            f"({settings.poll_min_interval} > {settings.poll_max_interval})"
+        )
+    return settings

@@ -1,0 +1,361 @@
+"""Every database operation of the tracker, on SQLite and PostgreSQL alike.
+
+Writes by a worker are guarded by the lease token it claimed with and by the state it
+read: zero rows updated means someone else (another instance, an operator, a hand edit)
+changed the batch meanwhile, and the write is dropped as a conflict, never forced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from tracker.domain.policy import Decision, Tracked
+from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, check_transition
+from tracker.schema import batches, transitions
+
+_ACTIVE = sorted(s.value for s in ACTIVE_STATES)
+_TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class BatchWrite:
+    """A worker's decision about a batch it claimed, ready to be written back."""
+
+    batch: Tracked
+    decision: Decision
+    file: StoredFile | None = None
+    # Keep the lease while a download that follows this write is still running.
+    keep_lease: bool = False
+
+
+@dataclass(frozen=True)
+class BatchRow:
+    id: int
+    request_id: str
+    label: str | None
+    state: str
+    created_at: datetime
+    updated_at: datetime
+    next_check_at: datetime | None
+    checks: int
+    api_status: int | None
+    api_message: str | None
+    file_path: str | None
+    file_size: int | None
+    file_sha256: str | None
+    last_error: str | None
+    finished_at: datetime | None
+    faults: int
+    rejections: int
+    download_attempts: int
+    lease_owner: str | None
+    lease_token: int
+    lease_expires_at: datetime | None
+
+
+@dataclass(frozen=True)
+class TransitionRow:
+    id: int
+    batch_id: int
+    request_id: str
+    from_state: str
+    to_state: str
+    at: datetime
+    api_status: int | None
+    api_message: str | None
+    detail: str | None
+
+
+class OperatorResult(StrEnum):
+    DONE = "done"
+    NOT_FOUND = "not_found"
+    WRONG_STATE = "wrong_state"
+
+
+class Store:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        self._dialect = engine.dialect.name
+
+    # --- producers and operators -------------------------------------------------
+
+    def enqueue(self, request_id: str, label: str | None = None) -> bool:
+        """Track `request_id`; False when it was already tracked (not an error)."""
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(batches)
+            .values(request_id=request_id, label=label)
+            .on_conflict_do_nothing(index_elements=["request_id"])
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def get(self, request_id: str) -> BatchRow | None:
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                sa.select(batches).where(batches.c.request_id == request_id)
+            ).first()
+        return BatchRow(**row._mapping) if row is not None else None
+
+    def list_batches(self, state: State | None = None, limit: int | None = None) -> list[BatchRow]:
+        query = sa.select(batches).order_by(batches.c.id)
+        if state is not None:
+            query = query.where(batches.c.state == state.value)
+        if limit is not None:
+            query = query.limit(limit)
+        with self.engine.begin() as connection:
+            return [BatchRow(**row._mapping) for row in connection.execute(query)]
+
+    def history(self, batch_id: int) -> list[TransitionRow]:
+        query = (
+            sa.select(transitions)
+            .where(transitions.c.batch_id == batch_id)
+            .order_by(transitions.c.id)
+        )
+        with self.engine.begin() as connection:
+            return [TransitionRow(**row._mapping) for row in connection.execute(query)]
+
+    def count_by_state(self) -> dict[str, int]:
+        query = sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)
+        with self.engine.begin() as connection:
+            return {state: count for state, count in connection.execute(query)}
+
+    def retry(self, request_id: str, now: datetime) -> tuple[OperatorResult, str | None]:
+        """Put a terminal batch back to pending, as an operator asked."""
+        return self._operator_move(
+            request_id,
+            allowed_from=_TERMINAL,
+            to_state=State.PENDING,
+            now=now,
+            detail="retried by an operator",
+            values={
+                "next_check_at": None,
+                "finished_at": None,
+                "last_error": None,
+                "faults": 0,
+                "rejections": 0,
+                "download_attempts": 0,
+                "file_path": None,
+                "file_size": None,
+                "file_sha256": None,
+            },
+        )
+
+    def cancel(self, request_id: str, now: datetime) -> tuple[OperatorResult, str | None]:
+        return self._operator_move(
+            request_id,
+            allowed_from=_ACTIVE,
+            to_state=State.CANCELLED,
+            now=now,
+            detail="cancelled by an operator",
+            values={"finished_at": now, "next_check_at": None},
+        )
+
+    def _operator_move(
+        self,
+        request_id: str,
+        *,
+        allowed_from: list[str],
+        to_state: State,
+        now: datetime,
+        detail: str,
+        values: dict[str, Any],
+    ) -> tuple[OperatorResult, str | None]:
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                sa.select(batches.c.id, batches.c.state).where(batches.c.request_id == request_id)
+            ).first()
+            if row is None:
+                return OperatorResult.NOT_FOUND, None
+            if row.state not in allowed_from:
+                return OperatorResult.WRONG_STATE, row.state
+            # Bumping the token fences out any worker still holding a lease on the batch.
+            updated = connection.execute(
+                batches.update()
+                .where(batches.c.id == row.id, batches.c.state == row.state)
+                .values(
+                    state=to_state.value,
+                    updated_at=now,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    lease_token=batches.c.lease_token + 1,
+                    **values,
+                )
+            ).rowcount
+            if updated != 1:
+                return OperatorResult.WRONG_STATE, None
+            connection.execute(
+                transitions.insert().values(
+                    batch_id=row.id,
+                    request_id=request_id,
+                    from_state=row.state,
+                    to_state=to_state.value,
+                    at=now,
+                    detail=detail,
+                )
+            )
+        return OperatorResult.DONE, row.state
+
+    # --- workers -----------------------------------------------------------------
+
+    def claim_due(
+        self, owner: str, limit: int, lease_seconds: float, now: datetime
+    ) -> list[Tracked]:
+        """Lease up to `limit` due, unfinished, unleased batches to `owner`.
+
+        One statement in one short transaction. PostgreSQL skips rows another instance
+        is claiming at this very moment; SQLite's BEGIN IMMEDIATE makes claims take turns.
+        """
+        if limit <= 0:
+            return []
+        due = (
+            sa.select(batches.c.id)
+            .where(
+                batches.c.state.in_(_ACTIVE),
+                sa.or_(batches.c.next_check_at.is_(None), batches.c.next_check_at <= now),
+                sa.or_(batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at < now),
+            )
+            .order_by(batches.c.next_check_at.nulls_first(), batches.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            batches.update()
+            .where(batches.c.id.in_(due.scalar_subquery()))
+            .values(
+                lease_owner=owner,
+                lease_token=batches.c.lease_token + 1,
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+            )
+            .returning(
+                batches.c.id,
+                batches.c.request_id,
+                batches.c.state,
+                batches.c.lease_token,
+                batches.c.checks,
+                batches.c.faults,
+                batches.c.rejections,
+                batches.c.download_attempts,
+                batches.c.created_at,
+            )
+        )
+        with self.engine.begin() as connection:
+            rows = connection.execute(claim).all()
+        claimed = [
+            Tracked(
+                id=row.id,
+                request_id=row.request_id,
+                state=State(row.state),
+                lease_token=row.lease_token,
+                checks=row.checks,
+                faults=row.faults,
+                rejections=row.rejections,
+                download_attempts=row.download_attempts,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+        claimed.sort(key=lambda batch: batch.id)
+        return claimed
+
+    def apply(self, writes: Sequence[BatchWrite], now: datetime) -> list[bool]:
+        """Write many decisions in one transaction; per write, whether it still held its lease."""
+        applied: list[bool] = []
+        with self.engine.begin() as connection:
+            for write in writes:
+                applied.append(self._apply_one(connection, write, now))
+        return applied
+
+    def _apply_one(self, connection: sa.Connection, write: BatchWrite, now: datetime) -> bool:
+        batch, decision = write.batch, write.decision
+        changes_state = decision.to_state is not batch.state
+        if changes_state:
+            check_transition(batch.state, decision.to_state)
+        values: dict[str, Any] = {
+            "state": decision.to_state.value,
+            "updated_at": now,
+            "next_check_at": decision.next_check_at,
+            "checks": batches.c.checks + (1 if decision.checked else 0),
+            "faults": decision.faults,
+            "rejections": decision.rejections,
+            "download_attempts": decision.download_attempts,
+            "last_error": decision.last_error,
+        }
+        if decision.checked and decision.api_status is not None:
+            values["api_status"] = decision.api_status
+        if decision.checked and decision.api_message is not None:
+            values["api_message"] = decision.api_message
+        if decision.to_state in TERMINAL_STATES:
+            values["finished_at"] = now
+            values["next_check_at"] = None
+        if write.file is not None:
+            values.update(
+                file_path=write.file.path, file_size=write.file.size, file_sha256=write.file.sha256
+            )
+        if not write.keep_lease:
+            values.update(lease_owner=None, lease_expires_at=None)
+        updated = connection.execute(
+            batches.update()
+            .where(
+                batches.c.id == batch.id,
+                batches.c.lease_token == batch.lease_token,
+                batches.c.state == batch.state.value,
+            )
+            .values(**values)
+        ).rowcount
+        if updated != 1:
+            return False
+        if changes_state:
+            connection.execute(
+                transitions.insert().values(
+                    batch_id=batch.id,
+                    request_id=batch.request_id,
+                    from_state=batch.state.value,
+                    to_state=decision.to_state.value,
+                    at=now,
+                    api_status=decision.api_status,
+                    api_message=decision.api_message,
+                    detail=decision.detail,
+                )
+            )
+        return True
+
+    def extend_lease(self, batch: Tracked, lease_seconds: float, now: datetime) -> bool:
+        """Keep a long download's lease alive; False means another owner took the batch."""
+        with self.engine.begin() as connection:
+            return (
+                connection.execute(
+                    batches.update()
+                    .where(batches.c.id == batch.id, batches.c.lease_token == batch.lease_token)
+                    .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+                ).rowcount
+                == 1
+            )
+
+    def release(self, claimed: Sequence[Tracked]) -> int:
+        """Hand batches back untouched (shutdown, service-wide auth failure)."""
+        if not claimed:
+            return 0
+        released = 0
+        with self.engine.begin() as connection:
+            for batch in claimed:
+                released += connection.execute(
+                    batches.update()
+                    .where(batches.c.id == batch.id, batches.c.lease_token == batch.lease_token)
+                    .values(lease_owner=None, lease_expires_at=None)
+                ).rowcount
+        return released
