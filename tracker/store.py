@@ -100,9 +100,11 @@ class Store:
             insert(batches)
             .values(request_id=request_id, label=label)
             .on_conflict_do_nothing(index_elements=["request_id"])
+            # rowcount is not reliable for inserts on every driver; a returned id is.
+            .returning(batches.c.id)
         )
         with self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+            return connection.execute(statement).first() is not None
 
     def get(self, request_id: str) -> BatchRow | None:
         with self.engine.begin() as connection:

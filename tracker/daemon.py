@@ -1,0 +1,204 @@
+"""The long-running service: an APScheduler tick that calls `Sweeper.sweep`, and its lifecycle.
+
+APScheduler keeps only an in-memory interval trigger here: the database rows are the queue
+and the source of truth, so several instances can run without a shared job store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import structlog
+
+from tracker.db import create_engine_for, upgrade_database
+from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
+from tracker.domain.policy import PollPolicy
+from tracker.domain.quota import SlidingWindowQuota, plan_windows
+from tracker.download import Downloader, make_download_http_client
+from tracker.logs import SecretScrubber
+from tracker.settings import Settings
+from tracker.store import Store
+from tracker.sweep import Sweeper
+
+log = structlog.get_logger("tracker.daemon")
+
+
+def instance_name() -> str:
+    """Who holds a lease: readable for operators, unique across restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@asynccontextmanager
+async def open_sweeper(
+    settings: Settings,
+    store: Store,
+    scrubber: SecretScrubber,
+    *,
+    policy: PollPolicy | None = None,
+) -> AsyncIterator[Sweeper]:
+    """A Sweeper with its HTTP clients, closed again on exit."""
+    settings.require_credentials()
+
+    def read_secret() -> str:
+        secret = settings.read_client_secret()
+        scrubber.add(secret)
+        return secret
+
+    throttle = Throttle(
+        SlidingWindowQuota(
+            plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day)
+        )
+    )
+    async with (
+        make_api_http_client(settings.http_timeout) as api_http,
+        # A separate client for the file host: it must never carry the API's credentials.
+        make_download_http_client(settings.http_timeout) as download_http,
+    ):
+        client = DeepvueClient(
+            api_http,
+            base_url=settings.api_base_url,
+            client_id=settings.client_id or "",
+            read_secret=read_secret,
+            throttle=throttle,
+        )
+        downloader = Downloader(
+            download_http,
+            output_dir=settings.output_dir,
+            allowed_hosts=settings.download_allowed_hosts,
+            file_mode=settings.file_mode,
+            deadline=settings.download_deadline,
+        )
+        yield Sweeper(
+            store=store,
+            client=client,
+            downloader=downloader,
+            policy=policy or settings.poll_policy,
+            owner=instance_name(),
+            concurrency=settings.concurrency,
+            lease_seconds=settings.lease_duration,
+            shutdown_grace=settings.shutdown_grace,
+        )
+
+
+class Daemon:
+    """Runs sweeps on an interval until told to stop."""
+
+    def __init__(self, sweeper: Sweeper, sweep_interval: float) -> None:
+        self.sweeper = sweeper
+        self.sweep_interval = sweep_interval
+        self.stopped = asyncio.Event()
+        self.last_sweep_at: datetime | None = None
+        self._current: asyncio.Task[object] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._signals = 0
+
+    async def tick(self) -> None:
+        """The APScheduler job: one sweep, never raising (the next tick tries again)."""
+        if self.sweeper.stopping.is_set():
+            return
+        self._idle.clear()
+        self._current = asyncio.current_task()
+        try:
+            report = await self.sweeper.sweep()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # e.g. the database is unreachable right now
+            log.error("sweep.failed", error=f"{type(error).__name__}: {error}")
+        else:
+            self.last_sweep_at = datetime.now(UTC)
+            if report.claimed or report.errors:
+                log.info(
+                    "sweep.done",
+                    claimed=report.claimed,
+                    checked=report.checked,
+                    transitions=report.transitions,
+                    downloaded=report.downloaded,
+                    conflicts=report.conflicts,
+                    errors=report.errors,
+                )
+        finally:
+            self._current = None
+            self._idle.set()
+
+    def request_stop(self) -> None:
+        """First signal: stop claiming, let work finish. Second: cut in-flight work short."""
+        self._signals += 1
+        self.sweeper.stopping.set()
+        self.stopped.set()
+        if self._signals == 1:
+            log.info("daemon.stopping", grace=self.sweeper.shutdown_grace)
+        else:
+            log.warning("daemon.stopping_now")
+            if self._current is not None:
+                self._current.cancel()
+
+    async def run(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.request_stop)
+        scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
+        scheduler.add_job(
+            self.tick,
+            "interval",
+            seconds=self.sweep_interval,
+            next_run_time=datetime.now(UTC),
+            id="sweep",
+            max_instances=1,
+            coalesce=True,
+            misfire_grace_time=None,
+        )
+        scheduler.start()
+        log.info("daemon.started", owner=self.sweeper.owner, sweep_interval=self.sweep_interval)
+        try:
+            await self.stopped.wait()
+        finally:
+            scheduler.shutdown(wait=False)
+            # The sweep winds itself down within the grace period; this only bounds a hang.
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.sweeper.shutdown_grace + 10)
+            except TimeoutError:
+                if self._current is not None:
+                    self._current.cancel()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        log.info("daemon.stopped")
+
+
+async def run_service(
+    settings: Settings,
+    scrubber: SecretScrubber,
+    *,
+    policy: PollPolicy | None = None,
+    until: Callable[[Store], bool] | None = None,
+) -> None:
+    """Migrate, then sweep on an interval until a signal (or `until(store)` holds)."""
+    engine = create_engine_for(settings.database_url)
+    try:
+        await asyncio.to_thread(upgrade_database, engine)
+        store = Store(engine)
+        async with open_sweeper(settings, store, scrubber, policy=policy) as sweeper:
+            daemon = Daemon(sweeper, settings.sweep_interval)
+            watcher = asyncio.create_task(_stop_when(daemon, store, until)) if until else None
+            try:
+                await daemon.run()
+            finally:
+                if watcher is not None:
+                    watcher.cancel()
+    finally:
+        engine.dispose()
+
+
+async def _stop_when(daemon: Daemon, store: Store, until: Callable[[Store], bool]) -> None:
+    while not await asyncio.to_thread(until, store):
+        await asyncio.sleep(0.2)
+    daemon.request_stop()

@@ -1,0 +1,309 @@
+"""One pass over the due batches: claim -> ask Deepvue -> decide -> write back -> download.
+
+The APScheduler job and `tracker sweep` both call `Sweeper.sweep`. Network calls run with
+no transaction open; every write goes through a group commit so that many workers
+finishing together share one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+
+import structlog
+
+from tracker.deepvue import AuthFailed, DeepvueClient
+from tracker.domain.policy import (
+    Decision,
+    DownloadProblem,
+    PollPolicy,
+    Tracked,
+    decide_on_answer,
+    decide_on_download_problem,
+    is_too_old,
+)
+from tracker.domain.request_ids import request_id_problem
+from tracker.domain.states import State
+from tracker.domain.urls import redact_url
+from tracker.download import (
+    Downloader,
+    DownloadError,
+    DownloadRefused,
+    OutputUnwritable,
+    OwnershipLost,
+    UrlExpired,
+)
+from tracker.store import BatchWrite, Store, StoredFile
+
+log = structlog.get_logger("tracker.sweep")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class GroupCommit:
+    """Writes from concurrent workers, committed together while the previous commit runs.
+
+    A worker awaits its own write and learns whether it still held its lease. While one
+    transaction is in flight the next writes queue up and go in the following one, so
+    commits stay few under load and immediate when idle.
+    """
+
+    def __init__(self, store: Store, clock: Callable[[], datetime], max_group: int = 256) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_group = max_group
+        self._queue: list[tuple[BatchWrite, asyncio.Future[bool]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def write(self, write: BatchWrite) -> bool:
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((write, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        return await future
+
+    async def _flush(self) -> None:
+        while self._queue:
+            group = self._queue[: self._max_group]
+            del self._queue[: self._max_group]
+            try:
+                applied = await asyncio.to_thread(
+                    self._store.apply, [write for write, _ in group], self._clock()
+                )
+            except Exception as error:  # the database is down: every writer hears of it
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(error)
+                continue
+            for (_, future), ok in zip(group, applied, strict=True):
+                if not future.done():
+                    future.set_result(ok)
+
+
+@dataclass
+class SweepReport:
+    claimed: int = 0
+    checked: int = 0
+    transitions: int = 0
+    downloaded: int = 0
+    conflicts: int = 0
+    errors: int = 0
+    auth_failed: bool = False
+    states: dict[str, int] = field(default_factory=dict)
+
+
+class Sweeper:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        client: DeepvueClient,
+        downloader: Downloader,
+        policy: PollPolicy,
+        owner: str,
+        concurrency: int,
+        lease_seconds: float,
+        shutdown_grace: float,
+        rng: random.Random | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self.store = store
+        self.client = client
+        self.downloader = downloader
+        self.policy = policy
+        self.owner = owner
+        self.concurrency = concurrency
+        self.lease_seconds = lease_seconds
+        self.shutdown_grace = shutdown_grace
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.stopping = asyncio.Event()
+        self._commit = GroupCommit(store, clock)
+        self._auth_backoff = 0.0
+
+    async def sweep(self) -> SweepReport:
+        """Work every batch that is due now, then return.
+
+        Claims happen in small bites as worker slots free up, never more than the rate
+        limit lets start now, so no batch sits leased while waiting for quota.
+        """
+        report = SweepReport()
+        running: dict[asyncio.Task[None], Tracked] = {}
+        exhausted = False
+        try:
+            while True:
+                free = self.concurrency - len(running)
+                if not self.stopping.is_set() and not exhausted and not report.auth_failed:
+                    want = min(free, self.client.throttle.capacity_now())
+                    if want > 0 and (free >= max(1, self.concurrency // 2) or not running):
+                        claimed = await asyncio.to_thread(
+                            self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
+                        )
+                        report.claimed += len(claimed)
+                        exhausted = len(claimed) < want
+                        for batch in claimed:
+                            running[asyncio.create_task(self._work(batch, report))] = batch
+                    elif want == 0 and not running:
+                        # Out of quota for now: finish; the next sweep picks up the rest.
+                        break
+                if not running:
+                    break
+                if self.stopping.is_set():
+                    await self._wind_down(running)
+                    break
+                done, _ = await asyncio.wait(
+                    list(running), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    running.pop(task)
+                    if not task.cancelled() and task.exception() is not None:
+                        report.errors += 1
+                        log.error("sweep.worker_crashed", exc_info=task.exception())
+        finally:
+            if running:  # cancelled from outside: hand the rest back
+                await self._wind_down(running, grace=0.0)
+        return report
+
+    async def _wind_down(
+        self, running: dict[asyncio.Task[None], Tracked], grace: float | None = None
+    ) -> None:
+        """Let in-flight work finish within the grace period, then hand the rest back."""
+        grace = self.shutdown_grace if grace is None else grace
+        if grace > 0:
+            await asyncio.wait(list(running), timeout=grace)
+        unfinished = {task: batch for task, batch in running.items() if not task.done()}
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(list(unfinished))
+            released = await asyncio.to_thread(self.store.release, list(unfinished.values()))
+            log.warning("sweep.handed_back", batches=released)
+        running.clear()
+
+    async def _work(self, batch: Tracked, report: SweepReport) -> None:
+        bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
+        now = self.clock()
+        problem = request_id_problem(batch.request_id)
+        if problem is not None:
+            await self._write(
+                report,
+                bound,
+                BatchWrite(
+                    batch,
+                    Decision(State.REJECTED, None, last_error=problem, detail=problem),
+                ),
+            )
+            return
+        if is_too_old(batch, self.policy, now):
+            reason = f"not finished within the maximum tracking age of {self.policy.max_age:g} s"
+            await self._write(
+                report,
+                bound,
+                BatchWrite(batch, Decision(State.EXPIRED, None, last_error=reason, detail=reason)),
+            )
+            return
+
+        try:
+            answer = await self.client.batch_status(batch.request_id)
+        except AuthFailed as error:
+            await self._on_auth_failed(batch, report, str(error))
+            return
+        self._auth_backoff = 0.0
+        report.checked += 1
+        decision = decide_on_answer(batch, answer, self.policy, self.clock(), self.rng)
+        if answer.detail and decision.to_state is batch.state:
+            bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
+        url = decision.download_url
+        if url is None:
+            await self._write(report, bound, BatchWrite(batch, decision))
+            return
+
+        # Record "ready" before the download, and keep the lease while it runs.
+        ready = replace(decision, download_url=None)
+        if not await self._write(report, bound, BatchWrite(batch, ready, keep_lease=True)):
+            return
+        batch = replace(batch, state=State.READY, checks=batch.checks + 1)
+        await self._download(batch, url, report, bound)
+
+    async def _download(
+        self, batch: Tracked, url: str, report: SweepReport, bound: structlog.BoundLogger
+    ) -> None:
+        async def still_owner() -> bool:
+            return await asyncio.to_thread(
+                self.store.extend_lease, batch, self.lease_seconds, self.clock()
+            )
+
+        try:
+            fetched = await self.downloader.fetch(url, batch.request_id, keep_alive=still_owner)
+        except OwnershipLost:
+            report.conflicts += 1
+            bound.warning("download.ownership_lost")
+            return
+        except DownloadError as error:
+            problem = _download_problem(error)
+            bound.warning(
+                "download.problem", problem=problem.value, error=str(error), url=redact_url(url)
+            )
+            decision = decide_on_download_problem(
+                batch, problem, str(error), self.policy, self.clock(), self.rng
+            )
+            await self._write(report, bound, BatchWrite(batch, decision))
+            return
+        decision = Decision(
+            State.DOWNLOADED,
+            None,
+            download_attempts=batch.download_attempts + 1,
+            detail=f"saved {fetched.size} bytes, sha256 {fetched.sha256}",
+        )
+        stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
+        if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
+            report.downloaded += 1
+            bound.info("download.done", path=str(fetched.path), size=fetched.size)
+
+    async def _write(
+        self, report: SweepReport, bound: structlog.BoundLogger, write: BatchWrite
+    ) -> bool:
+        applied = await self._commit.write(write)
+        if not applied:
+            report.conflicts += 1
+            bound.warning(
+                "batch.conflict",
+                detail="the batch changed under us (another instance, an operator or a hand edit); "
+                "this result was dropped",
+            )
+            return False
+        if write.decision.to_state is not write.batch.state:
+            report.transitions += 1
+            bound.info(
+                "batch.transition",
+                from_state=write.batch.state.value,
+                to_state=write.decision.to_state.value,
+                detail=write.decision.detail,
+            )
+        return True
+
+    async def _on_auth_failed(self, batch: Tracked, report: SweepReport, message: str) -> None:
+        """Credentials refused: a service-wide problem, so no batch is penalised for it."""
+        await asyncio.to_thread(self.store.release, [batch])
+        if report.auth_failed:
+            return
+        report.auth_failed = True
+        # One error per backoff period: pausing the client keeps later sweeps quiet.
+        self._auth_backoff = min(600.0, max(30.0, self._auth_backoff * 2))
+        self.client.throttle.pause(self._auth_backoff)
+        log.error("api.auth_failed", error=message, retry_in=self._auth_backoff)
+
+
+def _download_problem(error: DownloadError) -> DownloadProblem:
+    if isinstance(error, DownloadRefused):
+        return DownloadProblem.REFUSED
+    if isinstance(error, UrlExpired):
+        return DownloadProblem.URL_EXPIRED
+    if isinstance(error, OutputUnwritable):
+        return DownloadProblem.UNWRITABLE
+    return DownloadProblem.INTERRUPTED
