@@ -263,7 +263,7 @@ class Sweeper:
         stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
         if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
             report.downloaded += 1
-            bound.info("download.done", path=str(fetched.path), size=fetched.size)
+            bound.info("batch.downloaded", path=str(fetched.path), size=fetched.size)
 
     async def _write(
         self, report: SweepReport, bound: structlog.BoundLogger, write: BatchWrite

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from urllib.parse import SplitResult, unquote, urlsplit
 
 __all__ = [
@@ -71,8 +71,7 @@ def redact_url(url: str) -> str:
 def _printable(text: str) -> str:
     # Escape what could forge or break a log line (newlines, control characters).
     return "".join(
-        ch if "\x21" <= ch <= "\x7e" else "".join(f"%{b:02X}" for b in ch.encode())
-        for ch in text
+        ch if "\x21" <= ch <= "\x7e" else "".join(f"%{b:02X}" for b in ch.encode()) for ch in text
     )
 
 
@@ -129,7 +128,7 @@ def check_download_url(url: str, allowed_hosts: Sequence[str]) -> None:
         raise refuse(f"host {host!r} is not in the allowed download hosts")
 
 
-def _authority_host(parts: SplitResult, refuse: _Refuser) -> str:
+def _authority_host(parts: SplitResult, refuse: Callable[[str], UrlRefused]) -> str:
     """The validated, lower-cased host of `parts`, without brackets or a trailing dot."""
     netloc = parts.netloc
     if not netloc:
@@ -149,10 +148,9 @@ def _authority_host(parts: SplitResult, refuse: _Refuser) -> str:
         host, colon, port_text = netloc.partition(":")
         rest = colon + port_text
     if rest:
-        port_text = rest[1:] if rest.startswith(":") else None
-        if port_text is None or _PORT.fullmatch(port_text) is None:
+        if not rest.startswith(":") or _PORT.fullmatch(rest[1:]) is None:
             raise refuse("invalid port")
-        if not 1 <= int(port_text) <= 65535:
+        if not 1 <= int(rest[1:]) <= 65535:
             raise refuse("port out of range")
 
     host = _normalise_host(host)
@@ -168,11 +166,6 @@ def _authority_host(parts: SplitResult, refuse: _Refuser) -> str:
     if len(host) > 253 or not all(_LABEL.fullmatch(label) for label in labels):
         raise refuse("invalid host name")
     return host
-
-
-class _Refuser:
-    # Only for typing `refuse` callables passed to helpers.
-    def __call__(self, reason: str) -> UrlRefused: ...  # pragma: no cover
 
 
 def _normalise_host(host: str) -> str:

@@ -1,0 +1,118 @@
+"""Settings from the environment and a TOML file, with one clear error per bad value."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tracker.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert settings.database_url == "sqlite:///tracker.db"
+    assert settings.output_dir == Path("downloads")
+    assert settings.api_base_url == "https://production.deepvue.tech"
+    assert (settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day) == (
+        1,
+        30,
+        1000,
+    )
+    assert settings.download_allowed_hosts == ("*.amazonaws.com",)
+    assert settings.file_mode == 0o640
+
+
+def test_plan_presets_and_explicit_rates() -> None:
+    settings = load_settings({"TRACKER_PLAN": "Growth", "TRACKER_RATE_PER_DAY": "5000"})
+    assert (settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day) == (
+        5,
+        500,
+        5000,
+    )
+
+
+def test_environment_wins_over_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "tracker.toml"
+    config.write_text(
+        'database_url = "sqlite:///from-file.db"\nsweep_interval = 2.5\n'
+        'download_allowed_hosts = ["127.0.0.1", "*.example.com"]\n'
+    )
+    settings = load_settings({"TRACKER_DATABASE_URL": "sqlite:///from-env.db"}, config)
+    assert settings.database_url == "sqlite:///from-env.db"
+    assert settings.sweep_interval == 2.5
+    assert settings.download_allowed_hosts == ("127.0.0.1", "*.example.com")
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    config = tmp_path / "tracker.toml"
+    config.write_text("concurrency = 3\n")
+    assert load_settings({"TRACKER_CONFIG": str(config)}).concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"TRACKER_SWEEP_INTERVAL": "soon"}, "TRACKER_SWEEP_INTERVAL"),
+        ({"TRACKER_SWEEP_INTERVAL": "-1"}, "TRACKER_SWEEP_INTERVAL"),
+        ({"TRACKER_CONCURRENCY": "0"}, "TRACKER_CONCURRENCY"),
+        ({"TRACKER_PLAN": "platinum"}, "TRACKER_PLAN"),
+        ({"TRACKER_DATABASE_URL": "mysql://x"}, "TRACKER_DATABASE_URL"),
+        ({"TRACKER_FILE_MODE": "644"}, "TRACKER_FILE_MODE"),
+        ({"TRACKER_LOG_FORMAT": "xml"}, "TRACKER_LOG_FORMAT"),
+        (
+            {"TRACKER_POLL_MIN_INTERVAL": "100", "TRACKER_POLL_MAX_INTERVAL": "10"},
+            "TRACKER_POLL_MIN_INTERVAL",
+        ),
+    ],
+)
+def test_invalid_values_name_the_setting(env: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(env)
+    message = str(raised.value)
+    assert names in message
+    assert "\n" not in message
+
+
+def test_fractional_durations() -> None:
+    assert load_settings({"TRACKER_POLL_MIN_INTERVAL": "0.25"}).poll_min_interval == 0.25
+
+
+def test_bad_toml_and_unknown_keys(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.toml"
+    broken.write_text("this is = = not toml")
+    with pytest.raises(SettingsError, match="not valid TOML"):
+        load_settings({}, broken)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("colour = 'blue'\n")
+    with pytest.raises(SettingsError, match="unknown setting 'colour'"):
+        load_settings({}, unknown)
+    with pytest.raises(SettingsError, match="missing.toml"):
+        load_settings({}, tmp_path / "missing.toml")
+
+
+def test_credentials_required_only_when_asked() -> None:
+    settings = load_settings({})
+    with pytest.raises(SettingsError, match="TRACKER_CLIENT_ID"):
+        settings.require_credentials()
+    with pytest.raises(SettingsError, match="TRACKER_CLIENT_SECRET"):
+        load_settings({"TRACKER_CLIENT_ID": "me"}).require_credentials()
+
+
+def test_secret_file_is_read_at_every_call(tmp_path: Path) -> None:
+    secret_file = tmp_path / "secret"
+    secret_file.write_text("first\n")
+    settings = load_settings(
+        {"TRACKER_CLIENT_ID": "me", "TRACKER_CLIENT_SECRET_FILE": str(secret_file)}
+    )
+    settings.require_credentials()
+    assert settings.read_client_secret() == "first"
+    secret_file.write_text("second")
+    assert settings.read_client_secret() == "second"
+    secret_file.unlink()
+    with pytest.raises(SettingsError, match="cannot read"):
+        settings.read_client_secret()
+
+
+def test_secret_is_not_in_repr() -> None:
+    assert "hunter22" not in repr(Settings(client_secret="hunter22"))
