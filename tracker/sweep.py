@@ -8,6 +8,7 @@ finishing together share one transaction.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -111,6 +112,7 @@ class Sweeper:
         shutdown_grace: float,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = utcnow,
+        max_quota_wait: float = 5.0,
     ) -> None:
         self.store = store
         self.client = client
@@ -122,6 +124,7 @@ class Sweeper:
         self.shutdown_grace = shutdown_grace
         self.rng = rng or random.Random()
         self.clock = clock
+        self.max_quota_wait = max_quota_wait
         self.stopping = asyncio.Event()
         self._commit = GroupCommit(store, clock)
         self._auth_backoff = 0.0
@@ -149,8 +152,13 @@ class Sweeper:
                         for batch in claimed:
                             running[asyncio.create_task(self._work(batch, report))] = batch
                     elif want == 0 and not running:
-                        # Out of quota for now: finish; the next sweep picks up the rest.
-                        break
+                        # Out of quota: wait for it when it is near (the per-second window),
+                        # else finish and let a later sweep pick up the rest.
+                        wait = self.client.throttle.wait_time()
+                        if wait > self.max_quota_wait:
+                            break
+                        await self._sleep_unless_stopping(max(wait, 0.01))
+                        continue
                 if not running:
                     break
                 if self.stopping.is_set():
@@ -168,6 +176,10 @@ class Sweeper:
             if running:  # cancelled from outside: hand the rest back
                 await self._wind_down(running, grace=0.0)
         return report
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stopping.wait(), seconds)
 
     async def _wind_down(
         self, running: dict[asyncio.Task[None], Tracked], grace: float | None = None

@@ -87,7 +87,7 @@ def test_bad_toml_and_unknown_keys(tmp_path: Path) -> None:
     unknown.write_text("colour = 'blue'\n")
     with pytest.raises(SettingsError, match="unknown setting 'colour'"):
         load_settings({}, unknown)
-    with pytest.raises(SettingsError, match="missing.toml"):
+    with pytest.raises(SettingsError, match=r"missing\.toml"):
         load_settings({}, tmp_path / "missing.toml")
 
 

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 
 __all__ = ["PLANS", "SlidingWindowQuota", "Window", "plan_windows"]
 
+# Float slack when deciding that a start has left its window: `now + wait_time(now)` can land
+# a rounding error short of the exact boundary, and a caller that waited as told must then be
+# let through rather than be told to wait another 4e-16 s. A nanosecond loosens no real limit.
+_EPSILON = 1e-9
+
 # Deepvue's published plans: (per second, per minute, per day) per API key.
 PLANS: Mapping[str, tuple[int, int, int]] = {
     "starter": (1, 30, 1000),
@@ -64,7 +69,7 @@ class _Log:
     def active(self, now: float) -> int:
         # A start at t counts while now - t < seconds: half-open (now - seconds, now], so two
         # starts exactly `seconds` apart never share a window of that length.
-        while self.starts and now - self.starts[0] >= self.window.seconds:
+        while self.starts and now - self.starts[0] >= self.window.seconds - _EPSILON:
             self.starts.popleft()
         return len(self.starts)
 

@@ -1,0 +1,518 @@
+"""The Deepvue simulator behaves like the documented API, over real loopback HTTP."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+
+from tracker.simulator import (
+    SimulatorConfig,
+    SimulatorHandle,
+    expected_sha256,
+    expected_size,
+    output_bytes,
+    running_simulator,
+    serve_forever,
+)
+
+STATUS_PATH = "/v1/verification/batch-processing-status"
+CREDS = {"client_id": "demo-client", "client_secret": "demo-secret"}
+FAST = SimulatorConfig(completion_delay=0.2, file_size=200_000)
+
+
+@pytest.fixture
+def sim() -> Iterator[SimulatorHandle]:
+    with running_simulator(FAST) as handle:
+        yield handle
+
+
+@pytest.fixture
+def client(sim: SimulatorHandle) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=sim.base_url, timeout=10) as c:
+        yield c
+
+
+def auth_headers(client: httpx.Client) -> dict[str, str]:
+    response = client.post("/v1/authorize", data=CREDS)
+    assert response.status_code == 200
+    return {
+        "Authorization": f"Bearer {response.json()['access_token']}",
+        "x-api-key": CREDS["client_secret"],
+    }
+
+
+def status(client: httpx.Client, headers: dict[str, str], request_id: str) -> httpx.Response:
+    return client.get(STATUS_PATH, params={"request_id": request_id}, headers=headers)
+
+
+def completed_url(client: httpx.Client, headers: dict[str, str], request_id: str) -> str:
+    """Poll until the id completes (FAST completes 0.2 s after the first call)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        response = status(client, headers, request_id)
+        if response.status_code == 200:
+            url = response.json()["data"]["batch_output_file_url"]
+            if url:
+                return str(url)
+        time.sleep(0.05)
+    raise AssertionError(f"{request_id} never completed")
+
+
+def jwt_claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    claims: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * 4))
+    return claims
+
+
+# --------------------------------------------------------------------------- authorize
+
+
+def test_authorize_urlencoded_returns_jwt_with_matching_expiry(client: httpx.Client) -> None:
+    response = client.post("/v1/authorize", data=CREDS)
+    assert response.status_code == 200
+    assert response.request.headers["content-type"] == "application/x-www-form-urlencoded"
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    header_b64, _, signature = body["access_token"].split(".")
+    assert json.loads(base64.urlsafe_b64decode(header_b64 + "==")) == {
+        "alg": "HS256",
+        "typ": "JWT",
+    }
+    assert signature
+    claims = jwt_claims(body["access_token"])
+    assert claims["sub"] == "demo-client"
+    assert isinstance(claims["exp"], int)
+    assert abs(claims["exp"] - (time.time() + 86400)) < 5
+    expiry = datetime.strptime(body["expiry"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert int(expiry.timestamp()) == claims["exp"]
+
+
+def test_authorize_multipart(client: httpx.Client) -> None:
+    files = {name: (None, value) for name, value in CREDS.items()}
+    response = client.post("/v1/authorize", files=files)
+    assert response.request.headers["content-type"].startswith("multipart/form-data")
+    assert response.status_code == 200
+    assert jwt_claims(response.json()["access_token"])["sub"] == "demo-client"
+
+
+def test_authorize_bad_credentials(client: httpx.Client, sim: SimulatorHandle) -> None:
+    response = client.post("/v1/authorize", data={**CREDS, "client_secret": "nope"})
+    assert response.status_code == 401
+    assert response.json() == {"detail": "Invalid client_id or client_secret, access Denied"}
+    missing = client.post("/v1/authorize", data={"client_id": "demo-client"})
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["body", "client_secret"]
+    assert sim.stats()["authorize_calls"] == 2
+
+
+# --------------------------------------------------------------------------- status auth
+
+
+def test_status_authentication_errors(client: httpx.Client) -> None:
+    good = auth_headers(client)
+    missing = client.get(STATUS_PATH, params={"request_id": "a"})
+    assert (missing.status_code, missing.json()) == (401, {"detail": "Not authenticated"})
+    no_key = status(client, {"Authorization": good["Authorization"]}, "a")
+    assert no_key.status_code == 401
+    bad_token = status(client, {**good, "Authorization": "Bearer a.b.c"}, "a")
+    assert (bad_token.status_code, bad_token.json()) == (403, {"detail": "Not a valid token"})
+    wrong_key = status(client, {**good, "x-api-key": "other"}, "a")
+    assert (wrong_key.status_code, wrong_key.json()) == (
+        401,
+        {"detail": "Could not validate credentials"},
+    )
+    no_id = client.get(STATUS_PATH, headers=good)
+    assert no_id.status_code == 422
+    assert no_id.json() == {
+        "detail": [
+            {"loc": ["query", "request_id"], "msg": "field required", "type": "value_error.missing"}
+        ]
+    }
+
+
+def test_expired_token_is_rejected() -> None:
+    with (
+        running_simulator(SimulatorConfig(token_ttl=0)) as sim,
+        httpx.Client(base_url=sim.base_url) as client,
+    ):
+        response = status(client, auth_headers(client), "a")
+    assert (response.status_code, response.json()) == (403, {"detail": "Not a valid token"})
+
+
+def test_token_from_another_simulator_is_rejected(client: httpx.Client) -> None:
+    with running_simulator(FAST) as other, httpx.Client(base_url=other.base_url) as other_client:
+        foreign = auth_headers(other_client)
+    assert status(client, foreign, "a").status_code == 403
+
+
+# --------------------------------------------------------------------------- status lifecycle
+
+
+def test_default_id_in_progress_then_completed(client: httpx.Client, sim: SimulatorHandle) -> None:
+    headers = auth_headers(client)
+    first = status(client, headers, "abc123")
+    assert first.status_code == 200
+    body = first.json()
+    assert body["code"] == 200
+    assert body["sub_code"] == "SUCCESS"
+    assert body["message"] == "Batch Upload status fetched successfully"
+    assert isinstance(body["timestamp"], int)
+    assert body["timestamp"] > 1_600_000_000_000
+    assert len(body["transaction_id"]) == 32
+    assert body["data"] == {
+        "request_id": "abc123",
+        "status": 201,
+        "product_id": "",
+        "message": "batch processing in progress",
+        "batch_output_file_url": None,
+    }
+    time.sleep(0.25)
+    done = status(client, headers, "abc123").json()["data"]
+    assert done["status"] == 200
+    assert done["message"] == "batch processing completed"
+    url = urlsplit(done["batch_output_file_url"])
+    assert f"{url.scheme}://{url.netloc}" == sim.base_url
+    assert url.path == "/upi-basic-batch-output-files/abc123.csv"
+    query = parse_qs(url.query)
+    assert query["X-Amz-Expires"] == ["600"]
+    assert len(query["X-Amz-Signature"][0]) == 64
+    datetime.strptime(query["X-Amz-Date"][0], "%Y%m%dT%H%M%SZ")
+    stats = sim.stats()
+    assert stats["status_calls"] == {"abc123": 2}
+    assert stats["status_calls_total"] == 2
+
+
+def test_fail_prefix_goes_in_progress_then_failed(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    assert status(client, headers, "fail-1").json()["data"]["status"] == 201
+    time.sleep(0.25)
+    data = status(client, headers, "fail-1").json()["data"]
+    assert data["status"] == 500
+    assert data["message"] == "batch processing failed"
+    assert data["batch_output_file_url"] is None
+
+
+def test_slow_prefix_takes_five_times_longer() -> None:
+    config = SimulatorConfig(completion_delay=0.06)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        headers = auth_headers(client)
+        status(client, headers, "slow-1")
+        status(client, headers, "plain-1")
+        time.sleep(0.1)
+        assert status(client, headers, "plain-1").json()["data"]["status"] == 200
+        assert status(client, headers, "slow-1").json()["data"]["status"] == 201
+        time.sleep(0.25)
+        assert status(client, headers, "slow-1").json()["data"]["status"] == 200
+
+
+def test_invalid_and_missing_prefixes(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    invalid = status(client, headers, "invalid-1")
+    assert (invalid.status_code, invalid.json()) == (400, {"detail": "Invalid request_id"})
+    missing = status(client, headers, "missing-1")
+    assert (missing.status_code, missing.json()) == (404, {"detail": "request_id not found"})
+
+
+def test_flaky_prefix_fails_every_odd_call(client: httpx.Client, sim: SimulatorHandle) -> None:
+    headers = auth_headers(client)
+    codes = [status(client, headers, "flaky-1").status_code for _ in range(4)]
+    assert codes == [503, 200, 503, 200]
+    assert status(client, headers, "flaky-1").json() == {"detail": "Source Unavailable"}
+    assert sim.stats()["errors_served"] == 3
+
+
+def test_garbage_prefix_serves_html_twice(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    for _ in range(2):
+        response = status(client, headers, "garbage-1")
+        assert response.status_code == 200
+        assert response.text == "<html>upstream gateway</html>"
+        assert response.headers["content-type"].startswith("text/html")
+    assert status(client, headers, "garbage-1").json()["data"]["request_id"] == "garbage-1"
+
+
+def test_ratelimit_prefix_sends_retry_after(client: httpx.Client, sim: SimulatorHandle) -> None:
+    headers = auth_headers(client)
+    response = status(client, headers, "ratelimit-1")
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"detail": "Rate limit exceeded. Please retry after some time."}
+    assert sim.stats()["rate_limited"] == 1
+
+
+def test_xlsx_prefix_changes_extension(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    url = completed_url(client, headers, "xlsx-1")
+    assert urlsplit(url).path.endswith("/xlsx-1.xlsx")
+    assert client.get(url).status_code == 200
+
+
+# --------------------------------------------------------------------------- faults and limits
+
+
+def test_rate_per_second_enforced_as_sliding_window() -> None:
+    config = SimulatorConfig(rate_per_second=2, completion_delay=0)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        headers = auth_headers(client)
+        codes = [status(client, headers, "r").status_code for _ in range(3)]
+        assert codes == [200, 200, 429]
+        limited = status(client, headers, "r")
+        assert limited.json() == {"detail": "Rate limit exceeded. Please retry after some time."}
+        assert "retry-after" not in limited.headers
+        time.sleep(1.05)
+        assert status(client, headers, "r").status_code == 200
+        stats = sim.stats()
+    assert stats["rate_limited"] == 2
+    assert stats["status_calls"] == {"r": 5}
+
+
+def test_rate_per_minute_checked_on_its_own() -> None:
+    config = SimulatorConfig(rate_per_second=10, rate_per_minute=3, completion_delay=0)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        headers = auth_headers(client)
+        codes = [status(client, headers, "r").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+
+
+def test_error_rate_is_seeded_and_reproducible() -> None:
+    def pattern(seed: int) -> list[int]:
+        config = SimulatorConfig(error_rate=0.5, seed=seed, completion_delay=0)
+        with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+            headers = auth_headers(client)
+            codes = [status(client, headers, "e").status_code for _ in range(20)]
+            assert sim.stats()["errors_served"] == codes.count(503)
+            return codes
+
+    first = pattern(7)
+    assert set(first) == {200, 503}
+    assert pattern(7) == first
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def test_full_download_matches_expected_sha256(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    url = completed_url(client, headers, "dl-1")
+    response = client.get(url)
+    assert response.status_code == 200
+    size = expected_size("dl-1", FAST)
+    assert size == 200_000
+    assert len(response.content) == size
+    assert int(response.headers["content-length"]) == size
+    assert hashlib.sha256(response.content).hexdigest() == expected_sha256("dl-1", size)
+    assert response.content == b"".join(output_bytes("dl-1", size))
+    assert response.headers["accept-ranges"] == "bytes"
+    etag = response.headers["etag"]
+    assert etag.startswith('"')
+    assert not etag.startswith("W/")
+    assert response.content.startswith(b"row_id,")
+
+
+def test_big_prefix_uses_big_file_size() -> None:
+    config = SimulatorConfig(completion_delay=0, big_file_size=300_001)
+    assert expected_size("big-1", config) == 300_001
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        body = client.get(completed_url(client, auth_headers(client), "big-1")).content
+    assert hashlib.sha256(body).hexdigest() == expected_sha256("big-1", 300_001)
+
+
+def test_range_resume_returns_206_with_the_tail(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "dl-2")
+    full = b"".join(output_bytes("dl-2", 200_000))
+    etag = client.head(url).headers["etag"]
+    response = client.get(url, headers={"Range": "bytes=70000-", "If-Range": etag})
+    assert response.status_code == 206
+    assert response.headers["content-range"] == "bytes 70000-199999/200000"
+    assert int(response.headers["content-length"]) == 130_000
+    assert response.content == full[70000:]
+
+
+def test_if_range_mismatch_returns_full_body(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "dl-3")
+    response = client.get(url, headers={"Range": "bytes=100-", "If-Range": '"stale"'})
+    assert response.status_code == 200
+    assert "content-range" not in response.headers
+    assert hashlib.sha256(response.content).hexdigest() == expected_sha256("dl-3", 200_000)
+
+
+def test_range_past_end_is_416(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "dl-4")
+    response = client.get(url, headers={"Range": "bytes=200000-"})
+    assert response.status_code == 416
+    assert response.headers["content-range"] == "bytes */200000"
+
+
+def test_head_gives_headers_without_body(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "dl-5")
+    response = client.head(url)
+    assert response.status_code == 200
+    assert response.headers["content-length"] == "200000"
+    assert response.content == b""
+
+
+def test_expire_prefix_first_url_expired_then_fresh_url_works(client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    first_url = completed_url(client, headers, "expire-1")
+    expired = client.get(first_url)
+    assert expired.status_code == 403
+    assert "<Code>AccessDenied</Code>" in expired.text
+    assert "<Message>Request has expired</Message>" in expired.text
+    second_url = completed_url(client, headers, "expire-1")
+    assert client.get(second_url).status_code == 200
+
+
+def test_tampered_signature_is_403(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "dl-6")
+    tampered = url.replace("dl-6.csv", "dl-7.csv")
+    response = client.get(tampered)
+    assert response.status_code == 403
+    assert "Signature does not match" in response.text
+
+
+def test_trunc_prefix_cuts_first_download_then_resume_works(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "trunc-1")
+    received = bytearray()
+
+    def read_into_received() -> None:
+        with client.stream("GET", url) as response:
+            assert response.headers["content-length"] == "200000"
+            for chunk in response.iter_bytes():
+                received.extend(chunk)
+
+    with pytest.raises(httpx.RemoteProtocolError):
+        read_into_received()
+    assert len(received) == 100_000
+    full = b"".join(output_bytes("trunc-1", 200_000))
+    assert bytes(received) == full[:100_000]
+    resumed = client.get(url, headers={"Range": f"bytes={len(received)}-"})
+    assert resumed.status_code == 206
+    assert hashlib.sha256(bytes(received) + resumed.content).hexdigest() == expected_sha256(
+        "trunc-1", 200_000
+    )
+
+
+def test_download_requests_are_recorded_without_query(
+    client: httpx.Client, sim: SimulatorHandle
+) -> None:
+    url = completed_url(client, auth_headers(client), "dl-8")
+    client.get(url, headers={"X-Probe": "yes", "Range": "bytes=10-"})
+    downloads = sim.stats()["downloads"]
+    assert len(downloads) == 1
+    record = downloads[0]
+    assert record["method"] == "GET"
+    assert record["path"] == "/upi-basic-batch-output-files/dl-8.csv"
+    assert record["status"] == 206
+    assert record["headers"]["x-probe"] == "yes"
+    assert record["headers"]["range"] == "bytes=10-"
+    assert "authorization" not in record["headers"]
+    assert all(name == name.lower() for name in record["headers"])
+
+
+# --------------------------------------------------------------------------- submit, stats, reset
+
+
+def test_submit_batch_then_poll_new_id(client: httpx.Client, sim: SimulatorHandle) -> None:
+    headers = auth_headers(client)
+    response = client.post(
+        "/v1/verification/upi-basic/batch",
+        headers=headers,
+        files={"batch_file": ("in.csv", b"vpa\nx@upi\n", "text/csv")},
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["code"] == 201
+    assert body["message"] == "batch processing in progress"
+    assert body["sub_code"] == "SUCCESS"
+    assert body["output_batch_file"] == ""
+    request_id = body["request_id"]
+    assert re.fullmatch("[0-9a-f]{32}", request_id)
+    assert status(client, headers, request_id).json()["data"]["status"] == 201
+    missing = client.post(
+        "/v1/verification/upi-basic/batch", headers=headers, files={"other": ("a", b"x")}
+    )
+    assert missing.status_code == 422
+    assert missing.json()["detail"][0]["loc"] == ["body", "batch_file"]
+    unauthenticated = client.post(
+        "/v1/verification/upi-basic/batch", files={"batch_file": ("in.csv", b"x")}
+    )
+    assert unauthenticated.status_code == 401
+    assert sim.stats()["submissions"] == 1
+
+
+def test_stats_endpoint_and_reset(client: httpx.Client, sim: SimulatorHandle) -> None:
+    headers = auth_headers(client)
+    status(client, headers, "flaky-r")
+    assert client.get("/_sim/stats").json() == sim.stats()
+    assert sim.stats()["status_calls"] == {"flaky-r": 1}
+    sim.reset()
+    cleared = sim.stats()
+    assert cleared["status_calls"] == {}
+    assert cleared["authorize_calls"] == 0
+    assert cleared["errors_served"] == 0
+    # Per-id state is gone too: the flaky id starts over with an odd (failing) call.
+    assert status(client, headers, "flaky-r").status_code == 503
+    assert client.post("/_sim/reset").status_code == 200
+    assert sim.stats()["status_calls_total"] == 0
+
+
+# --------------------------------------------------------------------------- content and serving
+
+
+def test_output_bytes_exact_size_and_prefix_consistent() -> None:
+    for size in (0, 1, 54, 55, 65_536, 65_591, 200_001):
+        body = b"".join(output_bytes("c-1", size))
+        assert len(body) == size
+        assert hashlib.sha256(body).hexdigest() == expected_sha256("c-1", size)
+    long = b"".join(output_bytes("c-1", 300_000))
+    assert b"".join(output_bytes("c-1", 150_000)) == long[:150_000]
+    assert b"".join(output_bytes("c-2", 150_000)) != long[:150_000]
+    assert all(len(chunk) <= 64 * 1024 for chunk in output_bytes("c-1", 300_000))
+
+
+def test_serve_forever_refuses_non_loopback_host() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        serve_forever(SimulatorConfig(), host="0.0.0.0")
+    with pytest.raises(ValueError, match="loopback"):
+        serve_forever(SimulatorConfig(), host="example.com")
+
+
+def test_serve_forever_announces_and_stops_on_sigterm() -> None:
+    code = "from tracker.simulator import SimulatorConfig, serve_forever\nserve_forever(SimulatorConfig())\n"
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:")
+        with httpx.Client(base_url=base_url) as client:
+            assert client.post("/v1/authorize", data=CREDS).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    assert stderr == ""

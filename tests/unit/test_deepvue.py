@@ -1,0 +1,702 @@
+"""The Deepvue client against a fake Deepvue at the transport seam (httpx.MockTransport)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pytest
+from structlog.testing import capture_logs
+
+from tracker import __version__
+from tracker.deepvue import (
+    AuthFailed,
+    DeepvueClient,
+    Throttle,
+    make_api_http_client,
+    parse_token_expiry,
+)
+from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.quota import PLANS, SlidingWindowQuota, Window, plan_windows
+
+BASE = "https://deepvue.test"
+CLIENT_ID = "client-123"
+SECRET = "s3cret-value-do-not-leak"
+T0 = datetime(2026, 3, 7, 12, 0, 0, tzinfo=UTC)
+OUTPUT_URL = "https://bulk-data-processing.s3.ap-south-1.amazonaws.com/x/req1.csv"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def jwt_with_exp(exp: float, sub: str = CLIENT_ID) -> str:
+    def seg(obj: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+    return f"{seg({'alg': 'HS256', 'typ': 'JWT'})}.{seg({'sub': sub, 'exp': exp})}.c2ln"
+
+
+def completed_body(request_id: str) -> dict[str, Any]:
+    return {
+        "transaction_id": "t",
+        "timestamp": 1,
+        "code": 200,
+        "message": "Batch Upload status fetched successfully",
+        "sub_code": "SUCCESS",
+        "data": {
+            "request_id": request_id,
+            "status": 200,
+            "message": "batch processing completed",
+            "batch_output_file_url": OUTPUT_URL,
+        },
+    }
+
+
+class FakeClock:
+    """Monotonic time that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class FakeDeepvue:
+    """Just enough of Deepvue: /v1/authorize issues numbered tokens, the status endpoint
+    accepts only tokens in `valid`, and every request is recorded."""
+
+    def __init__(self) -> None:
+        self.authorize_forms: list[dict[str, list[str]]] = []
+        self.status_requests: list[httpx.Request] = []
+        self.valid: set[str] = set()
+        self.expiry: Any = "2026-03-08T12:00:00Z"
+        self.authorize_override: Handler | None = None
+        self.status_override: Handler | None = None
+        self.reject_all_tokens = False
+
+    async def handler(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)  # let concurrent calls interleave, as real I/O would
+        if request.url.path == "/v1/authorize":
+            assert request.method == "POST"
+            self.authorize_forms.append(parse_qs(request.content.decode()))
+            if self.authorize_override is not None:
+                return self.authorize_override(request)
+            token = f"token-{len(self.authorize_forms)}"
+            self.valid = {token}
+            return httpx.Response(
+                200, json={"access_token": token, "token_type": "bearer", "expiry": self.expiry}
+            )
+        assert request.url.path == "/v1/verification/batch-processing-status"
+        self.status_requests.append(request)
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
+        if self.reject_all_tokens or bearer not in self.valid:
+            return httpx.Response(401, json={"detail": "Could not validate credentials"})
+        if self.status_override is not None:
+            return self.status_override(request)
+        return httpx.Response(200, json=completed_body(request.url.params["request_id"]))
+
+    @property
+    def authorizations(self) -> int:
+        return len(self.authorize_forms)
+
+
+class Harness:
+    def __init__(self, fake: FakeDeepvue, *, quota: SlidingWindowQuota | None = None) -> None:
+        self.fake = fake
+        self.clock = FakeClock()
+        self.utc = T0
+        self.secrets: list[str | OSError] = [SECRET]
+        self.secret_reads = 0
+        self.http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
+        self.throttle = Throttle(
+            quota or SlidingWindowQuota(plan_windows(1000, 100000, 1000000)),
+            monotonic=self.clock.monotonic,
+            sleep=self.clock.sleep,
+        )
+        self.client = DeepvueClient(
+            self.http,
+            base_url=BASE + "/",
+            client_id=CLIENT_ID,
+            read_secret=self.read_secret,
+            throttle=self.throttle,
+            utcnow=lambda: self.utc,
+        )
+
+    def read_secret(self) -> str:
+        """Like reading a mounted secret file: trailing newline, may be rotated or missing."""
+        self.secret_reads += 1
+        secret = self.secrets[min(self.secret_reads, len(self.secrets)) - 1]
+        if isinstance(secret, OSError):
+            raise secret
+        return secret + "\n"
+
+
+def run(
+    body: Callable[[Harness], Awaitable[None]],
+    fake: FakeDeepvue | None = None,
+    *,
+    quota: SlidingWindowQuota | None = None,
+) -> Harness:
+    """Build the harness inside a fresh event loop, run `body`, close the http client."""
+    fake = fake or FakeDeepvue()
+
+    async def main() -> Harness:
+        harness = Harness(fake, quota=quota)
+        try:
+            await body(harness)
+        finally:
+            await harness.client.aclose()
+            await harness.http.aclose()
+        return harness
+
+    return asyncio.run(main())
+
+
+# -- authorize and the token cache -------------------------------------------------------------
+
+
+def test_status_call_sends_documented_request_and_classifies() -> None:
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+
+    h = run(body)
+    assert answers[0].outcome is Outcome.COMPLETED
+    assert answers[0].output_url == OUTPUT_URL
+    assert h.fake.authorize_forms == [{"client_id": [CLIENT_ID], "client_secret": [SECRET]}]
+    (request,) = h.fake.status_requests
+    assert request.method == "GET"
+    assert str(request.url) == f"{BASE}/v1/verification/batch-processing-status?request_id=req1"
+    assert request.headers["authorization"] == "Bearer token-1"
+    assert request.headers["x-api-key"] == SECRET
+
+
+def test_token_is_cached_across_calls() -> None:
+    async def body(h: Harness) -> None:
+        for i in range(5):
+            h.utc = T0 + timedelta(hours=i)
+            assert (await h.client.batch_status(f"req{i}")).outcome is Outcome.COMPLETED
+
+    h = run(body)
+    assert h.fake.authorizations == 1
+    assert h.secret_reads == 1
+    assert {r.headers["authorization"] for r in h.fake.status_requests} == {"Bearer token-1"}
+
+
+def test_token_refreshed_before_expiry_and_secret_reread() -> None:
+    fake = FakeDeepvue()
+    fake.expiry = (T0 + timedelta(hours=1)).isoformat()
+
+    async def body(h: Harness) -> None:
+        h.secrets = [SECRET, "rotated-secret"]
+        await h.client.batch_status("a")
+        h.utc = T0 + timedelta(minutes=54)  # 6 min before expiry: outside the 5 min margin
+        await h.client.batch_status("b")
+        assert h.fake.authorizations == 1
+        h.utc = T0 + timedelta(minutes=55, seconds=1)
+        fake.expiry = (h.utc + timedelta(hours=24)).isoformat()
+        await h.client.batch_status("c")
+
+    h = run(body, fake)
+    assert fake.authorizations == 2
+    assert h.secret_reads == 2
+    assert fake.authorize_forms[1]["client_secret"] == ["rotated-secret"]
+    last = fake.status_requests[-1]
+    assert last.headers["authorization"] == "Bearer token-2"
+    assert last.headers["x-api-key"] == "rotated-secret"
+
+
+def test_unparseable_expiry_falls_back_to_the_jwt_exp() -> None:
+    fake = FakeDeepvue()
+    token = jwt_with_exp((T0 + timedelta(hours=2)).timestamp())
+
+    def authorize(request: httpx.Request) -> httpx.Response:
+        fake.valid = {token}
+        return httpx.Response(200, json={"access_token": token, "expiry": "24hrs"})
+
+    fake.authorize_override = authorize
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("a")
+        h.utc = T0 + timedelta(hours=1, minutes=54)
+        await h.client.batch_status("b")
+        assert fake.authorizations == 1
+        h.utc = T0 + timedelta(hours=1, minutes=56)  # inside the margin before exp
+        await h.client.batch_status("c")
+
+    run(body, fake)
+    assert fake.authorizations == 2
+
+
+def test_parse_token_expiry() -> None:
+    assert parse_token_expiry("2026-03-08T00:00:00Z", "x", T0) == datetime(2026, 3, 8, tzinfo=UTC)
+    assert parse_token_expiry("2026-03-08T05:30:00+05:30", "x", T0) == datetime(
+        2026, 3, 8, tzinfo=UTC
+    )
+    naive = parse_token_expiry("2026-03-08T00:00:00", "x", T0)
+    assert naive == datetime(2026, 3, 8, tzinfo=UTC)
+    assert naive.tzinfo is not None
+    exp = (T0 + timedelta(hours=24)).timestamp()
+    assert parse_token_expiry("24hrs", jwt_with_exp(exp), T0) == T0 + timedelta(hours=24)
+    assert parse_token_expiry(None, jwt_with_exp(exp), T0) == T0 + timedelta(hours=24)
+    assert parse_token_expiry("24hrs", "opaque-token", T0) == T0 + timedelta(hours=23)
+    assert parse_token_expiry(86400, "a.!!!.c", T0) == T0 + timedelta(hours=23)
+    assert parse_token_expiry("x", jwt_with_exp(1e300), T0) == T0 + timedelta(hours=23)
+    assert parse_token_expiry("x", "a.bm90IGpzb24.c", T0) == T0 + timedelta(hours=23)
+
+
+def test_expiry_in_the_past_does_not_cause_an_authorize_storm() -> None:
+    fake = FakeDeepvue()
+    fake.expiry = (T0 - timedelta(hours=5, minutes=30)).replace(tzinfo=None).isoformat()
+
+    async def body(h: Harness) -> None:
+        for _ in range(5):
+            assert (await h.client.batch_status("a")).outcome is Outcome.COMPLETED
+
+    run(body, fake)
+    assert fake.authorizations == 1
+
+
+# -- 401 / 403 ---------------------------------------------------------------------------------
+
+
+def test_401_reauthorizes_once_and_retries() -> None:
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("warm")
+        h.fake.valid = {"token-2"}  # the server dropped token-1 early
+        answers.append(await h.client.batch_status("req1"))
+
+    h = run(body)
+    assert answers[0].outcome is Outcome.COMPLETED
+    assert h.fake.authorizations == 2
+    assert h.secret_reads == 2
+    assert [r.headers["authorization"] for r in h.fake.status_requests] == [
+        "Bearer token-1",
+        "Bearer token-1",
+        "Bearer token-2",
+    ]
+    assert h.throttle.usage()["day"] == (3, 1000000)  # the retry acquired the throttle too
+    assert h.client.throttle is h.throttle
+
+
+def test_persistent_401_raises_auth_failed_without_secrets() -> None:
+    fake = FakeDeepvue()
+    fake.reject_all_tokens = True
+    raised: list[AuthFailed] = []
+
+    async def body(h: Harness) -> None:
+        with pytest.raises(AuthFailed) as info:
+            await h.client.batch_status("req1")
+        raised.append(info.value)
+
+    with capture_logs() as logs:
+        run(body, fake)
+    message = str(raised[0])
+    assert f"client_id={CLIENT_ID}" in message
+    assert "Deepvue refused the credentials" in message
+    assert SECRET not in message
+    assert "token-" not in message
+    assert fake.authorizations == 2
+    assert len(fake.status_requests) == 2
+    assert [e["event"] for e in logs].count("api.auth_failed") == 1
+    assert SECRET not in repr(logs)
+
+
+def test_persistent_403_raises_auth_failed() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(403, json={"detail": "Not a valid token"})
+
+    async def body(h: Harness) -> None:
+        with pytest.raises(AuthFailed, match="HTTP 403"):
+            await h.client.batch_status("req1")
+
+    run(body, fake)
+    assert fake.authorizations == 2
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_authorize_refused_raises_auth_failed(status: int) -> None:
+    fake = FakeDeepvue()
+    fake.authorize_override = lambda request: httpx.Response(
+        status, json={"detail": f"Invalid client_id or client_secret {SECRET}, access Denied"}
+    )
+
+    async def body(h: Harness) -> None:
+        with pytest.raises(AuthFailed) as info:
+            await h.client.batch_status("req1")
+        message = str(info.value)
+        assert message.startswith(f"Deepvue refused the credentials for client_id={CLIENT_ID}: ")
+        assert "access Denied" in message
+        assert SECRET not in message
+
+    run(body, fake)
+    assert fake.status_requests == []
+
+
+def test_unreadable_or_empty_secret_raises_auth_failed() -> None:
+    async def body(h: Harness) -> None:
+        h.secrets = [
+            FileNotFoundError(2, "No such file or directory", "/run/secrets/deepvue"),
+            "  ",
+        ]
+        with pytest.raises(AuthFailed, match="could not read the client secret"):
+            await h.client.batch_status("req1")
+        with pytest.raises(AuthFailed, match="is empty"):
+            await h.client.batch_status("req1")
+
+    h = run(body)
+    assert h.fake.authorizations == 0
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(503, json={"detail": "Source Unavailable"}),
+        httpx.Response(200, text="<html>oops</html>"),
+        httpx.Response(200, json={"token_type": "bearer"}),
+    ],
+)
+def test_authorize_server_trouble_is_transient(response: httpx.Response) -> None:
+    fake = FakeDeepvue()
+    fake.authorize_override = lambda request: response
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    assert answers[0].outcome is Outcome.TRANSIENT
+    assert answers[0].http_status == response.status_code
+    assert answers[0].detail is not None
+    assert "authorize answered" in answers[0].detail
+    assert fake.status_requests == []
+
+
+def test_authorize_timeout_is_transient_and_retried_next_call() -> None:
+    fake = FakeDeepvue()
+
+    def timeout(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    fake.authorize_override = timeout
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+        fake.authorize_override = None
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    assert answers[0].outcome is Outcome.TRANSIENT
+    assert answers[0].http_status is None
+    assert answers[1].outcome is Outcome.COMPLETED
+
+
+def test_twenty_concurrent_401s_cause_one_reauthorize() -> None:
+    fake = FakeDeepvue()
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("warm")
+        fake.valid = set()  # every in-flight call now gets 401 with token-1
+        answers.extend(await asyncio.gather(*(h.client.batch_status(f"req{i}") for i in range(20))))
+
+    run(body, fake)
+    assert fake.authorizations == 2  # the warm-up one and ONE re-authorize
+    assert all(a.outcome is Outcome.COMPLETED for a in answers)
+    assert len(answers) == 20
+    retried = [r for r in fake.status_requests if r.headers["authorization"] == "Bearer token-2"]
+    assert len(retried) == 20
+
+
+def test_twenty_concurrent_first_calls_authorize_once() -> None:
+    async def body(h: Harness) -> None:
+        await asyncio.gather(*(h.client.batch_status(f"req{i}") for i in range(20)))
+
+    h = run(body)
+    assert h.fake.authorizations == 1
+
+
+def test_twenty_concurrent_calls_with_refused_credentials_authorize_once() -> None:
+    fake = FakeDeepvue()
+    fake.authorize_override = lambda request: httpx.Response(401, json={"detail": "Denied"})
+    results: list[Any] = []
+
+    async def body(h: Harness) -> None:
+        results.extend(
+            await asyncio.gather(
+                *(h.client.batch_status(f"req{i}") for i in range(20)), return_exceptions=True
+            )
+        )
+
+    run(body, fake)
+    assert fake.authorizations == 1
+    assert all(isinstance(r, AuthFailed) for r in results)
+
+
+# -- 429 and the throttle ----------------------------------------------------------------------
+
+
+def test_429_with_retry_after_pauses_the_throttle() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(
+        429, json={"detail": "Rate limit exceeded."}, headers={"Retry-After": "7"}
+    )
+    answers: list[StatusAnswer] = []
+    capacity: list[int] = []
+
+    async def body(h: Harness) -> None:
+        with capture_logs() as logs:
+            answers.append(await h.client.batch_status("req1"))
+        assert [e["event"] for e in logs if e["event"].startswith("api.rate")] == [
+            "api.rate_limited"
+        ]
+        capacity.append(h.throttle.capacity_now())
+        assert h.throttle.paused_for() == pytest.approx(7.0)
+        fake.status_override = None
+        answers.append(await h.client.batch_status("req1"))
+
+    h = run(body, fake)
+    assert answers[0].outcome is Outcome.RATE_LIMITED
+    assert answers[0].retry_after == 7.0
+    assert capacity == [0]
+    assert h.clock.sleeps == [pytest.approx(7.0)]  # the next call waited out the pause
+    assert answers[1].outcome is Outcome.COMPLETED
+
+
+def test_429_without_retry_after_backs_off_growing() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(429, json={"detail": "slow down"})
+    pauses: list[float] = []
+
+    async def body(h: Harness) -> None:
+        for _ in range(7):
+            answer = await h.client.batch_status("req1")
+            assert answer.outcome is Outcome.RATE_LIMITED
+            pauses.append(h.throttle.paused_for())
+
+    h = run(body, fake)
+    assert 1.0 <= pauses[0] <= 2.0
+    assert 2.0 <= pauses[1] <= 4.0
+    assert 4.0 <= pauses[2] <= 8.0
+    assert all(p <= 60.0 for p in pauses)
+    assert pauses[6] >= 30.0
+    assert len(h.clock.sleeps) == 6  # every call after the first waited for the pause
+
+
+def test_throttle_honours_pause_and_never_shortens_it() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        throttle = Throttle(
+            SlidingWindowQuota(plan_windows(10, 100, 1000)),
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
+        )
+        throttle.pause(5.0)
+        throttle.pause(2.0)  # a shorter pause must not cut the longer one
+        throttle.pause(float("nan"))
+        assert throttle.capacity_now() == 0
+        start = clock.now
+        await throttle.acquire()
+        assert clock.now - start == pytest.approx(5.0)
+        assert throttle.capacity_now() == 9
+        assert throttle.usage() == {"second": (1, 10), "minute": (1, 100), "day": (1, 1000)}
+
+    asyncio.run(main())
+
+
+def test_throttle_spaces_concurrent_calls_by_the_quota() -> None:
+    clock = FakeClock()
+    started: list[tuple[int, float]] = []
+
+    async def main() -> None:
+        throttle = Throttle(
+            SlidingWindowQuota(plan_windows(*PLANS["starter"])),
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
+        )
+
+        async def call(i: int) -> None:
+            await throttle.acquire()
+            started.append((i, clock.now))
+
+        await asyncio.gather(*(call(i) for i in range(4)))
+
+    asyncio.run(main())
+    # FIFO (fair) and one per second, as the starter plan allows.
+    assert [i for i, _ in started] == [0, 1, 2, 3]
+    times = [t for _, t in started]
+    assert times == [pytest.approx(1000.0 + k) for k in range(4)]
+
+
+def test_status_calls_wait_for_the_quota() -> None:
+    async def body(h: Harness) -> None:
+        for i in range(3):
+            await h.client.batch_status(f"req{i}")
+
+    h = run(body, quota=SlidingWindowQuota([Window(limit=1, seconds=2.0, name="w")]))
+    assert h.clock.sleeps == [pytest.approx(2.0), pytest.approx(2.0)]
+
+
+# -- transient answers --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response",
+    [
+        httpx.Response(500, json={"detail": "Internal Server Error"}),
+        httpx.Response(502, text="<html>bad gateway</html>"),
+        httpx.Response(503, json={"detail": "Source Unavailable"}),
+        httpx.Response(200, text="not json at all"),
+        httpx.Response(200, json={"code": 200, "message": "ok"}),
+        httpx.Response(302, headers={"Location": "https://elsewhere.test/"}),
+    ],
+)
+def test_server_trouble_is_transient(response: httpx.Response) -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: response
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    assert answers[0].outcome is Outcome.TRANSIENT
+    assert answers[0].http_status == response.status_code
+    assert answers[0].detail
+
+
+@pytest.mark.parametrize(
+    "error", [httpx.ReadTimeout, httpx.ConnectError, httpx.RemoteProtocolError]
+)
+def test_transport_errors_are_transient_without_url_query(error: type[httpx.RequestError]) -> None:
+    fake = FakeDeepvue()
+
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise error(f"trouble with {request.url}", request=request)
+
+    fake.status_override = fail
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("secret-looking-id"))
+
+    run(body, fake)
+    answer = answers[0]
+    assert answer.outcome is Outcome.TRANSIENT
+    assert answer.http_status is None
+    assert answer.detail is not None
+    assert error.__name__ in answer.detail
+    assert "secret-looking-id" not in answer.detail
+
+
+def test_invalid_request_id_answer_passes_through() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(
+        404, json={"detail": "request_id not found"}
+    )
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("nope"))
+
+    run(body, fake)
+    assert answers[0].outcome is Outcome.INVALID
+    assert answers[0].api_message == "request_id not found"
+
+
+def test_secret_echoed_by_the_server_is_scrubbed() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(
+        500, json={"detail": f"bad key {request.headers['x-api-key']}"}
+    )
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    assert answers[0].outcome is Outcome.TRANSIENT
+    assert SECRET not in (answers[0].detail or "")
+    assert SECRET not in (answers[0].api_message or "")
+    assert "<redacted>" in (answers[0].api_message or "")
+
+
+def test_authorized_log_event_has_expiry_and_no_secrets() -> None:
+    with capture_logs() as logs:
+
+        async def body(h: Harness) -> None:
+            await h.client.batch_status("req1")
+
+        run(body)
+    (event,) = [e for e in logs if e["event"] == "api.authorized"]
+    assert event["expiry"] == "2026-03-08T12:00:00+00:00"
+    assert event["client_id"] == CLIENT_ID
+    assert SECRET not in repr(logs)
+    assert "token-1" not in repr(logs)
+
+
+def test_make_api_http_client() -> None:
+    async def main() -> None:
+        client = make_api_http_client(12.5)
+        try:
+            assert client.headers["user-agent"] == f"deepvue-batch-tracker/{__version__}"
+            assert client.follow_redirects is False
+            assert client.timeout.read == 12.5
+            assert "x-api-key" not in client.headers
+        finally:
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+def test_aware_offsets_in_expiry_compare_correctly() -> None:
+    ist = timezone(timedelta(hours=5, minutes=30))
+    expiry = parse_token_expiry("2026-03-08T17:30:00+05:30", "x", T0)
+    assert expiry == datetime(2026, 3, 8, 17, 30, tzinfo=ist)
+    assert expiry - T0 == timedelta(hours=24)
+
+
+def test_secret_echoed_at_the_trim_boundary_leaves_no_fragment() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(
+        502, text="x" * 490 + request.headers["x-api-key"] + "y" * 100
+    )
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    assert answers[0].detail is not None
+    assert SECRET[:6] not in answers[0].detail
+
+
+def test_huge_retry_after_is_capped_at_a_day() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "999999999"})
+    paused: list[float] = []
+
+    async def body(h: Harness) -> None:
+        answer = await h.client.batch_status("req1")
+        assert answer.outcome is Outcome.RATE_LIMITED
+        paused.append(h.throttle.paused_for())
+
+    run(body, fake)
+    assert paused == [pytest.approx(86400.0)]

@@ -1,0 +1,486 @@
+"""The Deepvue API edge: authorize, cache the token, ask for a batch's status.
+
+Everything that decides what an answer means lives in `tracker.domain.answers`; this module
+only does the HTTP, the token life cycle and the shared rate limiting, and turns each answer
+into a `StatusAnswer` (or raises `AuthFailed` when the credentials themselves are refused).
+
+Secrets: the client secret (also sent as `x-api-key`) and the access token never appear in an
+exception message, a log event or a `StatusAnswer`; anything the server echoes is scrubbed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import dataclasses
+import json
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import structlog
+
+from tracker import __version__
+from tracker.domain.answers import (
+    Outcome,
+    StatusAnswer,
+    classify_status,
+    classify_transport_error,
+    trim_raw,
+)
+from tracker.domain.quota import SlidingWindowQuota
+
+__all__ = ["AuthFailed", "DeepvueClient", "Throttle", "make_api_http_client"]
+
+_log = structlog.get_logger(__name__)
+
+AUTHORIZE_PATH = "/v1/authorize"
+STATUS_PATH = "/v1/verification/batch-processing-status"
+
+# Deepvue tokens live 24 hours; when the answer gives no usable expiry, assume a bit less.
+_DEFAULT_TOKEN_LIFETIME = timedelta(hours=23)
+# However soon the server says a token expires, keep it at least this long: a skewed or
+# nonsensical expiry must not turn every call into an authorize. If the token really is dead,
+# the 401 path re-authorizes once for everybody.
+_MIN_TOKEN_USE = timedelta(seconds=60)
+# 429 without Retry-After: pause 2, 4, 8 ... seconds for consecutive 429s, capped.
+_BACKOFF_BASE = 2.0
+_BACKOFF_CAP = 60.0
+# Honour Retry-After, but not beyond a day (the longest Deepvue window): a garbled huge value
+# must not silence the service for good.
+_RETRY_AFTER_CAP = 86400.0
+# Never sleep less than this in the throttle loop: float rounding can leave a wait of 1e-12 s,
+# which a clock might not advance past, turning the loop into a spin.
+_MIN_SLEEP = 0.001
+# Statuses with which /v1/authorize refuses the credentials themselves (documented: 401
+# invalid, 400 inactive client; 403 no access; 422 a malformed form, which retrying won't fix).
+_AUTHORIZE_REFUSED = frozenset({400, 401, 403, 422})
+_REDACTED = "<redacted>"
+
+
+class AuthFailed(Exception):
+    """Deepvue refused the credentials even after re-authorizing.
+
+    Service-wide, not the fault of any batch: the caller should stop polling and alert rather
+    than count it against a batch. The message never contains the secret or a token.
+    """
+
+
+class Throttle:
+    """Shared by every in-flight call of one process: quota windows plus 429 pauses.
+
+    The lock makes waiters queue in arrival order (asyncio.Lock is FIFO), so a burst of calls
+    is served fairly instead of whichever task happens to wake first.
+    Create it inside the event loop that uses it (asyncio primitives bind to one loop).
+    """
+
+    def __init__(
+        self,
+        quota: SlidingWindowQuota,
+        *,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self._quota = quota
+        self._monotonic = monotonic
+        self._sleep = sleep
+        self._lock = asyncio.Lock()
+        self._paused_until = -math.inf
+
+    async def acquire(self) -> None:
+        """Wait until a call may start (quota and pause both allow it), and record it."""
+        async with self._lock:
+            while True:
+                now = self._monotonic()
+                wait = max(self._paused_until - now, self._quota.wait_time(now))
+                if wait <= 0:
+                    self._quota.record(now)
+                    return
+                # Re-check after sleeping: a 429 may have extended the pause meanwhile.
+                await self._sleep(max(wait, _MIN_SLEEP))
+
+    def pause(self, seconds: float) -> None:
+        """No call starts before now + seconds. Extends an existing pause, never shortens it."""
+        if not math.isfinite(seconds):
+            return  # an infinite pause would stop the service for good; NaN means nothing
+        until = self._monotonic() + max(seconds, 0.0)
+        self._paused_until = max(self._paused_until, until)
+
+    def paused_for(self) -> float:
+        """Seconds of pause left (0.0 when not paused)."""
+        return max(self._paused_until - self._monotonic(), 0.0)
+
+    def wait_time(self) -> float:
+        """Seconds until one more call could start (0.0 when one may start now)."""
+        now = self._monotonic()
+        return max(self._paused_until - now, self._quota.wait_time(now), 0.0)
+
+    def capacity_now(self) -> int:
+        now = self._monotonic()
+        if self._paused_until > now:
+            return 0
+        return self._quota.capacity(now)
+
+    def usage(self) -> dict[str, tuple[int, int]]:
+        return self._quota.usage(self._monotonic())
+
+
+@dataclasses.dataclass(frozen=True)
+class _Token:
+    value: str
+    use_until: datetime  # refresh from this moment on (expiry minus the margin)
+    generation: int  # which authorize produced it: lets 401s share one re-authorize
+
+
+class _AuthUnavailable(Exception):
+    """Authorize could not be completed for a reason worth retrying later (5xx, timeout)."""
+
+    def __init__(self, answer: StatusAnswer) -> None:
+        super().__init__(answer.detail)
+        self.answer = answer
+
+
+class DeepvueClient:
+    """Deepvue's batch-status API for one client_id."""
+
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        *,
+        base_url: str,
+        client_id: str,
+        read_secret: Callable[[], str],
+        throttle: Throttle,
+        utcnow: Callable[[], datetime] = lambda: datetime.now(UTC),
+        refresh_margin: float = 300.0,
+    ) -> None:
+        self._http = http
+        self._base_url = base_url.rstrip("/")
+        self._client_id = client_id
+        self._read_secret = read_secret
+        self._throttle = throttle
+        self._utcnow = utcnow
+        self._refresh_margin = timedelta(seconds=refresh_margin)
+        self._auth_lock = asyncio.Lock()
+        self._token: _Token | None = None
+        # Bumped when an authorize attempt ends, successful or not, so that callers who waited
+        # on the lock can tell "somebody already tried" and share that result.
+        self._generation = 0
+        self._auth_failure: AuthFailed | _AuthUnavailable | None = None
+        # The secret last sent, kept only to scrub it from anything the server echoes back.
+        self._secret = ""
+        self._consecutive_429 = 0
+
+    @property
+    def throttle(self) -> Throttle:
+        """The throttle this client's calls go through (the sweep sizes its batches by it)."""
+        return self._throttle
+
+    async def aclose(self) -> None:
+        """Forget the token. The http client belongs to the caller, who closes it."""
+        self._token = None
+
+    async def batch_status(self, request_id: str) -> StatusAnswer:
+        """Ask Deepvue how batch `request_id` is doing.
+
+        Returns a classified answer for everything except credentials that stay refused after
+        one re-authorize, which raise `AuthFailed`.
+        """
+        try:
+            token = await self._get_token(rejected=None)
+        except _AuthUnavailable as exc:
+            return exc.answer
+
+        answer = await self._status_call(request_id, token)
+        if answer.outcome is not Outcome.AUTH:
+            return self._after_answer(answer, request_id)
+
+        # Most likely a stale token: re-authorize once (shared with every other caller that
+        # got the same refusal), then try once more with the new one.
+        try:
+            token = await self._get_token(rejected=token)
+        except _AuthUnavailable as exc:
+            return exc.answer
+        answer = await self._status_call(request_id, token)
+        if answer.outcome is not Outcome.AUTH:
+            return self._after_answer(answer, request_id)
+
+        _log.error(
+            "api.auth_failed",
+            client_id=self._client_id,
+            http_status=answer.http_status,
+            stage="status",
+        )
+        raise AuthFailed(
+            self._scrub(
+                f"Deepvue refused the credentials for client_id={self._client_id}: the status "
+                f"call answered HTTP {answer.http_status} even after re-authorizing"
+                f" ({answer.api_message or 'no detail'})"
+            )
+        )
+
+    # -- status call ---------------------------------------------------------------------
+
+    async def _status_call(self, request_id: str, token: _Token) -> StatusAnswer:
+        await self._throttle.acquire()
+        try:
+            response = await self._http.get(
+                f"{self._base_url}{STATUS_PATH}",
+                params={"request_id": request_id},
+                headers={"Authorization": f"Bearer {token.value}", "x-api-key": self._secret},
+            )
+        except httpx.RequestError as exc:  # timeouts, connection and protocol errors
+            return classify_transport_error(self._describe(exc))
+        answer = classify_status(
+            response.status_code,
+            self._scrub_bytes(response.content),
+            retry_after=response.headers.get("retry-after"),
+            now=self._utcnow(),
+        )
+        return self._scrub_answer(answer)
+
+    def _after_answer(self, answer: StatusAnswer, request_id: str) -> StatusAnswer:
+        """Service-wide bookkeeping of an answer: 429s slow down every call of the process."""
+        if answer.outcome is not Outcome.RATE_LIMITED:
+            if answer.http_status is not None:
+                self._consecutive_429 = 0
+            return answer
+        self._rate_limited(answer.retry_after, request_id=request_id)
+        return answer
+
+    def _rate_limited(self, retry_after: float | None, **context: Any) -> None:
+        self._consecutive_429 += 1
+        if retry_after is not None:
+            pause = min(retry_after, _RETRY_AFTER_CAP)
+        else:
+            # Exponential, capped, with jitter so several processes sharing the key do not
+            # come back in lock step; at least half the step, so the pause still grows.
+            step = min(_BACKOFF_BASE * 2 ** min(self._consecutive_429 - 1, 16), _BACKOFF_CAP)
+            pause = step / 2 + random.uniform(0, step / 2)
+        self._throttle.pause(pause)
+        _log.warning(
+            "api.rate_limited",
+            pause_seconds=round(pause, 3),
+            retry_after=retry_after,
+            consecutive=self._consecutive_429,
+            **context,
+        )
+
+    # -- token ---------------------------------------------------------------------------
+
+    def _fresh_token(self) -> _Token | None:
+        token = self._token
+        if token is not None and self._utcnow() < token.use_until:
+            return token
+        return None
+
+    async def _get_token(self, *, rejected: _Token | None) -> _Token:
+        """A usable token; `rejected` is one the server just refused.
+
+        Only one authorize runs at a time. A caller that waited for the lock while someone
+        else authorized takes that result (new token, or the same failure) instead of
+        authorizing again: 20 concurrent 401s cause one authorize, not 20.
+        """
+        if rejected is None:
+            token = self._fresh_token()
+            if token is not None:
+                return token
+            seen = self._generation
+        else:
+            seen = rejected.generation
+        async with self._auth_lock:
+            if self._generation != seen:
+                token = self._fresh_token()
+                if token is not None:
+                    return token
+                failure = self._auth_failure
+                if isinstance(failure, AuthFailed):
+                    raise AuthFailed(*failure.args)
+                if isinstance(failure, _AuthUnavailable):
+                    raise _AuthUnavailable(failure.answer)
+            return await self._authorize()
+
+    async def _authorize(self) -> _Token:
+        """POST /v1/authorize; the caller holds the auth lock.
+
+        The generation moves only once the attempt is over: a caller arriving meanwhile
+        remembers the old generation, waits for the lock, and then sees that an attempt
+        finished and shares its result instead of starting another.
+        """
+        try:
+            token = await self._request_token(generation=self._generation + 1)
+        except (AuthFailed, _AuthUnavailable) as exc:
+            self._generation += 1
+            self._token = None
+            self._auth_failure = exc
+            raise
+        self._generation = token.generation
+        self._token = token
+        self._auth_failure = None
+        return token
+
+    async def _request_token(self, *, generation: int) -> _Token:
+        secret = self._load_secret()
+        try:
+            response = await self._http.post(
+                f"{self._base_url}{AUTHORIZE_PATH}",
+                data={"client_id": self._client_id, "client_secret": secret},
+            )
+        except httpx.RequestError as exc:
+            raise _AuthUnavailable(
+                classify_transport_error(f"authorize: {self._describe(exc)}")
+            ) from None
+
+        status = response.status_code
+        content = response.content
+        raw = content.decode("utf-8", errors="replace")
+        if status in _AUTHORIZE_REFUSED:
+            _log.error(
+                "api.auth_failed", client_id=self._client_id, http_status=status, stage="authorize"
+            )
+            raise AuthFailed(
+                f"Deepvue refused the credentials for client_id={self._client_id}: "
+                f"HTTP {status} {trim_raw(self._scrub(raw), 200)}"
+            )
+        if status == 429:
+            answer = classify_status(
+                status,
+                self._scrub_bytes(content),
+                retry_after=response.headers.get("retry-after"),
+                now=self._utcnow(),
+            )
+            self._rate_limited(answer.retry_after, stage="authorize")
+            raise _AuthUnavailable(self._scrub_answer(answer))
+
+        body = _json_object(raw) if status == 200 else None
+        access_token = body.get("access_token") if body is not None else None
+        if not isinstance(access_token, str) or not access_token.strip():
+            # 5xx, an unexpected status, or a 200 without a token: worth retrying later. The
+            # raw text is kept only when it holds no token (it holds none if we found none).
+            why = "without an access_token" if status == 200 else "unexpectedly"
+            raise _AuthUnavailable(
+                StatusAnswer(
+                    outcome=Outcome.TRANSIENT,
+                    http_status=status,
+                    detail=trim_raw(f"authorize answered HTTP {status} {why}: {self._scrub(raw)}"),
+                )
+            )
+
+        access_token = access_token.strip()
+        now = self._utcnow()
+        expiry = parse_token_expiry(body.get("expiry") if body else None, access_token, now)
+        use_until = max(expiry - self._refresh_margin, now + _MIN_TOKEN_USE)
+        _log.info("api.authorized", client_id=self._client_id, expiry=expiry.isoformat())
+        return _Token(value=access_token, use_until=use_until, generation=generation)
+
+    def _load_secret(self) -> str:
+        # Read at every authorize: the secret file may have been rotated since the last one.
+        try:
+            secret = self._read_secret().strip()
+        except OSError as exc:
+            raise AuthFailed(
+                f"could not read the client secret for client_id={self._client_id}: "
+                f"{type(exc).__name__}: {exc.strerror or 'unreadable'}"
+            ) from None
+        if not secret:
+            raise AuthFailed(f"the client secret for client_id={self._client_id} is empty")
+        self._secret = secret
+        return secret
+
+    # -- scrubbing -----------------------------------------------------------------------
+
+    # Scrubbing happens before any trimming, so a cut can never leave half a secret behind.
+
+    def _secrets(self) -> list[str]:
+        return [s for s in (self._secret, self._token.value if self._token else "") if s]
+
+    def _scrub(self, text: str) -> str:
+        """Remove the secret and the token, should the server or httpx echo them back."""
+        for secret in self._secrets():
+            text = text.replace(secret, _REDACTED)
+        return text
+
+    def _scrub_bytes(self, content: bytes) -> bytes:
+        for secret in self._secrets():
+            content = content.replace(secret.encode(), _REDACTED.encode())
+        return content
+
+    def _scrub_answer(self, answer: StatusAnswer) -> StatusAnswer:
+        # A second pass over what classify_status kept (say, a secret that was JSON-escaped
+        # in the body and decoded into api_message).
+        return dataclasses.replace(
+            answer,
+            api_message=None if answer.api_message is None else self._scrub(answer.api_message),
+            detail=None if answer.detail is None else self._scrub(answer.detail),
+        )
+
+    def _describe(self, exc: httpx.RequestError) -> str:
+        # httpx messages may quote the URL; trim_raw drops its query string.
+        text = self._scrub(str(exc) or "no message")
+        return trim_raw(f"{type(exc).__name__}: {text}", 300)
+
+
+def parse_token_expiry(value: object, access_token: str, now: datetime) -> datetime:
+    """When the token expires, read loosely.
+
+    ISO-8601 (with Z, an offset, or naive = UTC) if `value` is one; else the JWT's `exp` claim
+    (payload decoded without checking the signature: we only want a hint, and the server is
+    the judge); else 23 hours from `now`.
+    """
+    if isinstance(value, str):
+        try:
+            parsed = datetime.fromisoformat(value.strip())
+        except ValueError:
+            pass
+        else:
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    exp = _jwt_exp(access_token)
+    if exp is not None:
+        return exp
+    return now + _DEFAULT_TOKEN_LIFETIME
+
+
+def _jwt_exp(token: str) -> datetime | None:
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1]
+    try:
+        decoded = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        claims = json.loads(decoded)
+    except (ValueError, binascii.Error, RecursionError):
+        return None
+    exp = claims.get("exp") if isinstance(claims, dict) else None
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        return None
+    try:
+        return datetime.fromtimestamp(exp, UTC)
+    except (OverflowError, OSError, ValueError):
+        return None
+
+
+def _json_object(raw: str) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def make_api_http_client(timeout: float) -> httpx.AsyncClient:
+    """The http client for Deepvue API calls (never for downloads: it carries no API
+    headers itself, but its requests do, and redirects would forward `x-api-key`).
+    """
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout),
+        # httpx forwards custom headers such as x-api-key across origins on redirect; the
+        # status API has no reason to redirect, so a 3xx is classified, never followed.
+        follow_redirects=False,
+        limits=httpx.Limits(max_connections=20, max_keepalive_connections=10),
+        headers={"User-Agent": f"deepvue-batch-tracker/{__version__}"},
+    )
