@@ -210,12 +210,7 @@ class DeepvueClient:
         if answer.outcome is not Outcome.AUTH:
             return self._after_answer(answer, request_id)
 
-        _log.error(
-            "api.auth_failed",
-            client_id=self._client_id,
-            http_status=answer.http_status,
-            stage="status",
-        )
+        # No log here: the caller reports a service-wide failure once per backoff period.
         raise AuthFailed(
             self._scrub(
                 f"Deepvue refused the credentials for client_id={self._client_id}: the status "
@@ -340,9 +335,6 @@ class DeepvueClient:
         content = response.content
         raw = content.decode("utf-8", errors="replace")
         if status in _AUTHORIZE_REFUSED:
-            _log.error(
-                "api.auth_failed", client_id=self._client_id, http_status=status, stage="authorize"
-            )
             raise AuthFailed(
                 f"Deepvue refused the credentials for client_id={self._client_id}: "
                 f"HTTP {status} {trim_raw(self._scrub(raw), 200)}"
