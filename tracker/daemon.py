@@ -17,10 +17,11 @@ from datetime import UTC, datetime
 
 import structlog
 
+from tracker.budget import DatabaseBudget
 from tracker.db import create_engine_for, upgrade_database
 from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
 from tracker.domain.policy import PollPolicy
-from tracker.domain.quota import SlidingWindowQuota, plan_windows
+from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
 from tracker.logs import SecretScrubber
 from tracker.settings import Settings
@@ -51,9 +52,11 @@ async def open_sweeper(
         scrubber.add(secret)
         return secret
 
+    # The budget lives in the database: shared by every instance, kept across restarts.
     throttle = Throttle(
-        SlidingWindowQuota(
-            plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day)
+        DatabaseBudget(
+            store.engine,
+            plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
         )
     )
     async with (

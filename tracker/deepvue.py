@@ -20,7 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import structlog
@@ -33,7 +33,10 @@ from tracker.domain.answers import (
     classify_transport_error,
     trim_raw,
 )
-from tracker.domain.quota import SlidingWindowQuota
+
+if TYPE_CHECKING:
+    from tracker.budget import Budget
+    from tracker.domain.quota import Grant
 
 __all__ = ["AuthFailed", "DeepvueClient", "Throttle", "make_api_http_client"]
 
@@ -71,63 +74,105 @@ class AuthFailed(Exception):
     """
 
 
-class Throttle:
-    """Shared by every in-flight call of one process: quota windows plus 429 pauses.
+@dataclasses.dataclass
+class _Reservation:
+    reserved_at: float
+    grant: Grant
+    left: int
 
-    The lock makes waiters queue in arrival order (asyncio.Lock is FIFO), so a burst of calls
-    is served fairly instead of whichever task happens to wake first.
-    Create it inside the event loop that uses it (asyncio primitives bind to one loop).
+
+class Throttle:
+    """Paces this process's status calls against a (possibly cluster-wide) Budget.
+
+    The sweep reserves permits for the batches it is about to claim; each status call then
+    takes one. Permits are used within `permit_ttl` of being reserved or given back: the
+    budget counted them at reservation time, and a permit used much later could push a
+    window over its limit. A 429 pauses the whole budget, not just this process.
+    Create it inside the event loop that uses it.
     """
 
     def __init__(
         self,
-        quota: SlidingWindowQuota,
+        budget: Budget,
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        permit_ttl: float = 0.1,
     ) -> None:
-        self._quota = quota
+        self._budget = budget
         self._monotonic = monotonic
         self._sleep = sleep
-        self._lock = asyncio.Lock()
+        self._permit_ttl = permit_ttl
         self._paused_until = -math.inf
+        self._free_at = -math.inf  # when the budget said the next permit may come
+        self._pool: list[_Reservation] = []
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget
+
+    async def reserve(self, want: int) -> int:
+        """Reserve up to `want` permits for calls about to start; how many were granted."""
+        await self._expire_pool()
+        now = self._monotonic()
+        if want <= 0 or now < self._paused_until:
+            return 0
+        grant = await self._budget.reserve(want)
+        if grant.granted == 0:
+            self._free_at = self._monotonic() + grant.wait
+            return 0
+        self._pool.append(_Reservation(self._monotonic(), grant, grant.granted))
+        return grant.granted
+
+    async def release_unused(self) -> None:
+        """Give back every pooled permit (the sweep claimed fewer batches than it reserved)."""
+        pool, self._pool = self._pool, []
+        for reservation in pool:
+            await self._budget.release(reservation.grant, reservation.left)
 
     async def acquire(self) -> None:
-        """Wait until a call may start (quota and pause both allow it), and record it."""
-        async with self._lock:
-            while True:
-                now = self._monotonic()
-                wait = max(self._paused_until - now, self._quota.wait_time(now))
-                if wait <= 0:
-                    self._quota.record(now)
-                    return
-                # Re-check after sleeping: a 429 may have extended the pause meanwhile.
-                await self._sleep(max(wait, _MIN_SLEEP))
+        """Wait until a call may start and take its permit."""
+        while True:
+            await self._expire_pool()
+            now = self._monotonic()
+            if now < self._paused_until:
+                await self._sleep(max(self._paused_until - now, _MIN_SLEEP))
+                continue
+            if self._pool:
+                self._pool[0].left -= 1
+                if self._pool[0].left == 0:
+                    self._pool.pop(0)
+                return
+            grant = await self._budget.reserve(1)
+            if grant.granted:
+                return
+            self._free_at = self._monotonic() + grant.wait
+            await self._sleep(max(grant.wait, _MIN_SLEEP))
 
-    def pause(self, seconds: float) -> None:
-        """No call starts before now + seconds. Extends an existing pause, never shortens it."""
-        if not math.isfinite(seconds):
+    async def pause(self, seconds: float) -> None:
+        """No call starts before now + seconds, in this process and in every other one."""
+        if not math.isfinite(seconds) or seconds <= 0:
             return  # an infinite pause would stop the service for good; NaN means nothing
-        until = self._monotonic() + max(seconds, 0.0)
-        self._paused_until = max(self._paused_until, until)
+        self._paused_until = max(self._paused_until, self._monotonic() + seconds)
+        await self._budget.pause(seconds)
 
     def paused_for(self) -> float:
         """Seconds of pause left (0.0 when not paused)."""
         return max(self._paused_until - self._monotonic(), 0.0)
 
     def wait_time(self) -> float:
-        """Seconds until one more call could start (0.0 when one may start now)."""
+        """Seconds until a permit may be had, as last heard from the budget."""
         now = self._monotonic()
-        return max(self._paused_until - now, self._quota.wait_time(now), 0.0)
+        return max(self._paused_until - now, self._free_at - now, 0.0)
 
-    def capacity_now(self) -> int:
+    async def usage(self) -> dict[str, tuple[int, int]]:
+        return await self._budget.usage()
+
+    async def _expire_pool(self) -> None:
         now = self._monotonic()
-        if self._paused_until > now:
-            return 0
-        return self._quota.capacity(now)
-
-    def usage(self) -> dict[str, tuple[int, int]]:
-        return self._quota.usage(self._monotonic())
+        while self._pool and now - self._pool[0].reserved_at > self._permit_ttl:
+            expired = self._pool.pop(0)
+            await self._budget.release(expired.grant, expired.left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +243,7 @@ class DeepvueClient:
 
         answer = await self._status_call(request_id, token)
         if answer.outcome is not Outcome.AUTH:
-            return self._after_answer(answer, request_id)
+            return await self._after_answer(answer, request_id)
 
         # Most likely a stale token: re-authorize once (shared with every other caller that
         # got the same refusal), then try once more with the new one.
@@ -208,7 +253,7 @@ class DeepvueClient:
             return exc.answer
         answer = await self._status_call(request_id, token)
         if answer.outcome is not Outcome.AUTH:
-            return self._after_answer(answer, request_id)
+            return await self._after_answer(answer, request_id)
 
         # No log here: the caller reports a service-wide failure once per backoff period.
         raise AuthFailed(
@@ -239,16 +284,16 @@ class DeepvueClient:
         )
         return self._scrub_answer(answer)
 
-    def _after_answer(self, answer: StatusAnswer, request_id: str) -> StatusAnswer:
+    async def _after_answer(self, answer: StatusAnswer, request_id: str) -> StatusAnswer:
         """Service-wide bookkeeping of an answer: 429s slow down every call of the process."""
         if answer.outcome is not Outcome.RATE_LIMITED:
             if answer.http_status is not None:
                 self._consecutive_429 = 0
             return answer
-        self._rate_limited(answer.retry_after, request_id=request_id)
+        await self._rate_limited(answer.retry_after, request_id=request_id)
         return answer
 
-    def _rate_limited(self, retry_after: float | None, **context: Any) -> None:
+    async def _rate_limited(self, retry_after: float | None, **context: Any) -> None:
         self._consecutive_429 += 1
         if retry_after is not None:
             pause = min(retry_after, _RETRY_AFTER_CAP)
@@ -257,7 +302,7 @@ class DeepvueClient:
             # come back in lock step; at least half the step, so the pause still grows.
             step = min(_BACKOFF_BASE * 2 ** min(self._consecutive_429 - 1, 16), _BACKOFF_CAP)
             pause = step / 2 + random.uniform(0, step / 2)
-        self._throttle.pause(pause)
+        await self._throttle.pause(pause)
         _log.warning(
             "api.rate_limited",
             pause_seconds=round(pause, 3),
@@ -346,7 +391,7 @@ class DeepvueClient:
                 retry_after=response.headers.get("retry-after"),
                 now=self._utcnow(),
             )
-            self._rate_limited(answer.retry_after, stage="authorize")
+            await self._rate_limited(answer.retry_after, stage="authorize")
             raise _AuthUnavailable(self._scrub_answer(answer))
 
         body = _json_object(raw) if status == 200 else None

@@ -121,3 +121,36 @@ transitions = sa.Table(
     sa.CheckConstraint("from_state <> to_state", name="changes_state"),
     sa.Index("ix_tracker_transitions_batch_id", "batch_id", "id"),
 )
+
+# The shared call budget (see tracker.domain.quota): calls counted per window and bucket,
+# so every instance on this database draws from one quota, and a restart keeps the day.
+quota_usage = sa.Table(
+    "tracker_quota_usage",
+    metadata,
+    sa.Column("window_name", sa.String(16), primary_key=True),
+    sa.Column("bucket", sa.BigInteger, primary_key=True, autoincrement=False),
+    sa.Column("used", sa.Integer, nullable=False, server_default="0"),
+)
+
+# One row: the cluster-wide pause after a 429, and the row reservations lock on.
+quota_state = sa.Table(
+    "tracker_quota_state",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
+    # Seconds since the epoch on the database's clock.
+    sa.Column("paused_until", sa.Float, nullable=True),
+    sa.CheckConstraint("id = 1", name="single_row"),
+)
+
+# One row per daemon process: who is running, and when each last finished a sweep.
+instances = sa.Table(
+    "tracker_instances",
+    metadata,
+    sa.Column("owner", sa.Text, primary_key=True),
+    sa.Column("host", sa.Text, nullable=False),
+    sa.Column("pid", sa.Integer, nullable=False),
+    sa.Column("started_at", UTCDateTime, nullable=False),
+    sa.Column("last_sweep_at", UTCDateTime, nullable=True),
+    sa.Column("stopped_at", UTCDateTime, nullable=True),
+    sa.Index("ix_tracker_instances_host", "host"),
+)

@@ -16,14 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from tracker.domain.policy import PollPolicy
+from tracker.domain.quota import PLANS
 
-# Requests per second, minute and day on each of Deepvue's published plans.
-PLANS: Mapping[str, tuple[int, int, int]] = {
-    "starter": (1, 30, 1_000),
-    "business": (2, 100, 10_000),
-    "growth": (5, 500, 20_000),
-    "enterprise": (17, 1_000, 50_000),
-}
 ENV_PREFIX = "TRACKER_"
 
 

@@ -39,7 +39,10 @@ then the prefix table above.
 Output files (``GET /upi-basic-batch-output-files/<id>.<csv|xlsx>``) are deterministic CSV
 (see :func:`output_bytes`), streamed in 64 KiB chunks with a strong ETag, ``Accept-Ranges``,
 single-range ``Range`` support and ``If-Range``. Test hooks: ``GET /_sim/stats`` and
-``POST /_sim/reset``.
+``POST /_sim/reset``. In the stats, ``status_calls`` counts every authenticated status call
+that named a request_id (429 and 503 answers included); ``rate_limited`` counts 429s (limits
+and the ``ratelimit-`` prefix); ``errors_served`` counts injected faults (``error_rate`` and
+``flaky-`` 503s, ``garbage-`` HTML); ``downloads`` keeps the newest 10,000 requests.
 """
 
 from __future__ import annotations

@@ -137,24 +137,28 @@ class Sweeper:
         """
         report = SweepReport()
         running: dict[asyncio.Task[None], Tracked] = {}
+        throttle = self.client.throttle
         exhausted = False
         try:
             while True:
                 free = self.concurrency - len(running)
-                if not self.stopping.is_set() and not exhausted and not report.auth_failed:
-                    want = min(free, self.client.throttle.capacity_now())
-                    if want > 0 and (free >= max(1, self.concurrency // 2) or not running):
+                may_claim = not self.stopping.is_set() and not exhausted and not report.auth_failed
+                if may_claim and (free >= max(1, self.concurrency // 2) or not running):
+                    want = await throttle.reserve(free)
+                    if want > 0:
                         claimed = await asyncio.to_thread(
                             self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
                         )
                         report.claimed += len(claimed)
-                        exhausted = len(claimed) < want
+                        if len(claimed) < want:
+                            exhausted = True
+                            await throttle.release_unused()
                         for batch in claimed:
                             running[asyncio.create_task(self._work(batch, report))] = batch
-                    elif want == 0 and not running:
+                    elif not running:
                         # Out of quota: wait for it when it is near (the per-second window),
                         # else finish and let a later sweep pick up the rest.
-                        wait = self.client.throttle.wait_time()
+                        wait = throttle.wait_time()
                         if wait > self.max_quota_wait:
                             break
                         await self._sleep_unless_stopping(max(wait, 0.01))
@@ -307,7 +311,7 @@ class Sweeper:
         report.auth_failed = True
         # One error per backoff period: pausing the client keeps later sweeps quiet.
         self._auth_backoff = min(600.0, max(30.0, self._auth_backoff * 2))
-        self.client.throttle.pause(self._auth_backoff)
+        await self.client.throttle.pause(self._auth_backoff)
         log.error("api.auth_failed", error=message, retry_in=self._auth_backoff)
 
 

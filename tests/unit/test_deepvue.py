@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -15,6 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tracker import __version__
+from tracker.budget import MemoryBudget
 from tracker.deepvue import (
     AuthFailed,
     DeepvueClient,
@@ -23,7 +25,7 @@ from tracker.deepvue import (
     parse_token_expiry,
 )
 from tracker.domain.answers import Outcome, StatusAnswer
-from tracker.domain.quota import PLANS, SlidingWindowQuota, Window, plan_windows
+from tracker.domain.quota import PLANS, Window, plan_windows
 
 BASE = "https://deepvue.test"
 CLIENT_ID = "client-123"
@@ -113,7 +115,7 @@ class FakeDeepvue:
 
 
 class Harness:
-    def __init__(self, fake: FakeDeepvue, *, quota: SlidingWindowQuota | None = None) -> None:
+    def __init__(self, fake: FakeDeepvue, *, windows: list[Window] | None = None) -> None:
         self.fake = fake
         self.clock = FakeClock()
         self.utc = T0
@@ -121,7 +123,9 @@ class Harness:
         self.secret_reads = 0
         self.http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
         self.throttle = Throttle(
-            quota or SlidingWindowQuota(plan_windows(1000, 100000, 1000000)),
+            MemoryBudget(
+                windows or plan_windows(1000, 100000, 1000000), clock=self.clock.monotonic
+            ),
             monotonic=self.clock.monotonic,
             sleep=self.clock.sleep,
         )
@@ -147,13 +151,13 @@ def run(
     body: Callable[[Harness], Awaitable[None]],
     fake: FakeDeepvue | None = None,
     *,
-    quota: SlidingWindowQuota | None = None,
+    windows: list[Window] | None = None,
 ) -> Harness:
     """Build the harness inside a fresh event loop, run `body`, close the http client."""
     fake = fake or FakeDeepvue()
 
     async def main() -> Harness:
-        harness = Harness(fake, quota=quota)
+        harness = Harness(fake, windows=windows)
         try:
             await body(harness)
         finally:
@@ -290,7 +294,8 @@ def test_401_reauthorizes_once_and_retries() -> None:
         "Bearer token-1",
         "Bearer token-2",
     ]
-    assert h.throttle.usage()["day"] == (3, 1000000)  # the retry acquired the throttle too
+    # The retry acquired the throttle too.
+    assert h.throttle.budget.ledger.used(h.clock.now)["day"] == (3, 1000000)  # type: ignore[attr-defined]
     assert h.client.throttle is h.throttle
 
 
@@ -467,7 +472,7 @@ def test_429_with_retry_after_pauses_the_throttle() -> None:
         assert [e["event"] for e in logs if e["event"].startswith("api.rate")] == [
             "api.rate_limited"
         ]
-        capacity.append(h.throttle.capacity_now())
+        capacity.append(await h.throttle.reserve(5))
         assert h.throttle.paused_for() == pytest.approx(7.0)
         fake.status_override = None
         answers.append(await h.client.batch_status("req1"))
@@ -504,46 +509,61 @@ def test_throttle_honours_pause_and_never_shortens_it() -> None:
     clock = FakeClock()
 
     async def main() -> None:
-        throttle = Throttle(
-            SlidingWindowQuota(plan_windows(10, 100, 1000)),
-            monotonic=clock.monotonic,
-            sleep=clock.sleep,
-        )
-        throttle.pause(5.0)
-        throttle.pause(2.0)  # a shorter pause must not cut the longer one
-        throttle.pause(float("nan"))
-        assert throttle.capacity_now() == 0
+        budget = MemoryBudget(plan_windows(10, 100, 1000), clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep)
+        await throttle.pause(5.0)
+        await throttle.pause(2.0)  # a shorter pause must not cut the longer one
+        await throttle.pause(float("nan"))
+        assert throttle.paused_for() == pytest.approx(5.0)
+        assert await throttle.reserve(3) == 0
         start = clock.now
         await throttle.acquire()
         assert clock.now - start == pytest.approx(5.0)
-        assert throttle.capacity_now() == 9
-        assert throttle.usage() == {"second": (1, 10), "minute": (1, 100), "day": (1, 1000)}
+        assert await throttle.usage() == {"second": (1, 10), "minute": (1, 100), "day": (1, 1000)}
+        # The pause reached the shared budget too, so other processes honour it.
+        assert budget.ledger.paused_until == pytest.approx(start + 5.0)
 
     asyncio.run(main())
 
 
 def test_throttle_spaces_concurrent_calls_by_the_quota() -> None:
     clock = FakeClock()
-    started: list[tuple[int, float]] = []
+    started: list[float] = []
 
     async def main() -> None:
-        throttle = Throttle(
-            SlidingWindowQuota(plan_windows(*PLANS["starter"])),
-            monotonic=clock.monotonic,
-            sleep=clock.sleep,
-        )
+        budget = MemoryBudget(plan_windows(*PLANS["starter"]), clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep)
 
-        async def call(i: int) -> None:
+        async def call() -> None:
             await throttle.acquire()
-            started.append((i, clock.now))
+            started.append(clock.now)
 
-        await asyncio.gather(*(call(i) for i in range(4)))
+        await asyncio.gather(*(call() for _ in range(4)))
 
     asyncio.run(main())
-    # FIFO (fair) and one per second, as the starter plan allows.
-    assert [i for i, _ in started] == [0, 1, 2, 3]
-    times = [t for _, t in started]
-    assert times == [pytest.approx(1000.0 + k) for k in range(4)]
+    # One per second as the starter plan allows, plus the safety margin; never two at once.
+    gaps = [b - a for a, b in itertools.pairwise(sorted(started))]
+    assert all(1.0 <= gap <= 1.4 for gap in gaps), gaps
+
+
+def test_reserved_permits_are_used_or_given_back() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        budget = MemoryBudget(plan_windows(5, 100, 1000), clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep, permit_ttl=0.1)
+        assert await throttle.reserve(8) == 5  # the per-second window caps it
+        await throttle.acquire()
+        await throttle.acquire()
+        assert clock.sleeps == []  # pooled permits need no wait
+        await throttle.release_unused()
+        assert (await throttle.usage())["second"] == (2, 5)
+        assert await throttle.reserve(2) == 2
+        clock.now += 0.5  # too old to use now: given back, a fresh one reserved
+        await throttle.acquire()
+        assert (await throttle.usage())["second"] == (3, 5)
+
+    asyncio.run(main())
 
 
 def test_status_calls_wait_for_the_quota() -> None:
@@ -551,8 +571,9 @@ def test_status_calls_wait_for_the_quota() -> None:
         for i in range(3):
             await h.client.batch_status(f"req{i}")
 
-    h = run(body, quota=SlidingWindowQuota([Window(limit=1, seconds=2.0, name="w")]))
-    assert h.clock.sleeps == [pytest.approx(2.0), pytest.approx(2.0)]
+    h = run(body, windows=[Window("w", 1, 2.0, 0.1)])
+    assert len(h.clock.sleeps) == 2
+    assert all(2.0 <= pause <= 2.2 for pause in h.clock.sleeps)
 
 
 # -- transient answers --------------------------------------------------------------------------

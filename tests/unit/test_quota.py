@@ -1,4 +1,4 @@
-"""Sliding-window quota arithmetic, on a clock we pass in."""
+"""The bucketed quota arithmetic: never more than `limit` starts in any sliding window."""
 
 from __future__ import annotations
 
@@ -6,82 +6,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.domain.quota import PLANS, SlidingWindowQuota, Window, plan_windows
+from tracker.domain.quota import PLANS, QuotaLedger, Window, grantable, plan_windows
 
 
-def test_single_window_allows_limit_then_waits_for_the_oldest() -> None:
-    quota = SlidingWindowQuota([Window(limit=2, seconds=1.0, name="second")])
-    assert quota.wait_time(0.0) == 0.0
-    quota.record(0.0)
-    quota.record(0.25)
-    assert quota.capacity(0.5) == 0
-    assert quota.wait_time(0.5) == pytest.approx(0.5)  # the start at 0.0 leaves at 1.0
-    assert quota.wait_time(1.0) == 0.0
-    assert quota.capacity(1.0) == 1
-    quota.record(1.0)
-    assert quota.wait_time(1.0) == pytest.approx(0.25)  # now the start at 0.25 is oldest
-
-
-def test_window_is_sliding_not_fixed() -> None:
-    # A fixed per-minute window would allow 2 calls at 59 s and 2 more at 61 s; sliding must not.
-    quota = SlidingWindowQuota([Window(limit=2, seconds=60.0, name="minute")])
-    quota.record(59.0)
-    quota.record(59.5)
-    assert quota.wait_time(61.0) == pytest.approx(58.0)
-    assert quota.wait_time(119.0) == 0.0
-
-
-def test_starts_exactly_a_window_apart_do_not_share_it() -> None:
-    quota = SlidingWindowQuota([Window(limit=1, seconds=1.0, name="second")])
-    quota.record(10.0)
-    assert quota.wait_time(10.999) > 0
-    assert quota.wait_time(11.0) == 0.0
-
-
-def test_each_window_is_checked_on_its_own() -> None:
-    quota = SlidingWindowQuota(plan_windows(2, 3, 1000))
-    quota.record(0.0)
-    quota.record(0.1)
-    assert quota.wait_time(0.2) == pytest.approx(0.8)  # second window full
-    quota.record(1.0)
-    # per second has room again at 1.1, but the minute window (3) is full until 60.0
-    assert quota.usage(1.1) == {"second": (1, 2), "minute": (3, 3), "day": (3, 1000)}
-    assert quota.capacity(1.1) == 0
-    assert quota.wait_time(1.1) == pytest.approx(58.9)
-    assert quota.wait_time(60.0) == 0.0
-    assert quota.capacity(60.0) == 1  # 0.1 and 1.0 still in the minute window
-
-
-def test_day_window() -> None:
-    quota = SlidingWindowQuota(plan_windows(1000, 1000, 3))
-    for t in (0.0, 100.0, 200.0):
-        quota.record(t)
-    assert quota.capacity(300.0) == 0
-    assert quota.wait_time(300.0) == pytest.approx(86400.0 - 300.0)
-    assert quota.usage(86400.0) == {"second": (0, 1000), "minute": (0, 1000), "day": (2, 3)}
-    assert quota.capacity(86400.0) == 1
-
-
-def test_capacity_is_the_tightest_window() -> None:
-    quota = SlidingWindowQuota(plan_windows(*PLANS["growth"]))
-    assert quota.capacity(0.0) == 5
-    quota.record(0.0)
-    quota.record(0.0)
-    assert quota.capacity(0.5) == 3
-    assert quota.usage(0.5)["second"] == (2, 5)
-
-
-def test_memory_is_bounded_by_the_limit() -> None:
-    quota = SlidingWindowQuota([Window(limit=3, seconds=86400.0, name="day")])
-    for i in range(1000):  # recorded regardless of the quota: the server counts them too
-        quota.record(float(i))
-    assert quota.usage(1000.0) == {"day": (3, 3)}
-    assert quota.wait_time(1000.0) == pytest.approx(997.0 + 86400.0 - 1000.0)
-
-
-def test_plans_match_the_published_table() -> None:
-    assert PLANS["starter"] == (1, 30, 1000)
-    assert PLANS["enterprise"] == (17, 1000, 50000)
+def test_plan_windows() -> None:
     windows = plan_windows(*PLANS["business"])
     assert [(w.name, w.limit, w.seconds) for w in windows] == [
         ("second", 2, 1.0),
@@ -90,39 +18,78 @@ def test_plans_match_the_published_table() -> None:
     ]
 
 
-@pytest.mark.parametrize(("limit", "seconds"), [(0, 1.0), (-1, 1.0), (1, 0.0), (1, -5.0)])
-def test_nonsense_windows_are_refused(limit: int, seconds: float) -> None:
-    with pytest.raises(ValueError, match="window"):
-        Window(limit=limit, seconds=seconds, name="w")
+def test_grants_up_to_the_tightest_window() -> None:
+    ledger = QuotaLedger(plan_windows(5, 7, 1000))
+    assert ledger.reserve(100.0, 10).granted == 5
+    assert ledger.reserve(100.05, 10).granted == 0
+    later = ledger.reserve(101.5, 10)
+    assert later.granted == 2  # the minute window has 2 left
+    assert ledger.used(101.5) == {"second": (2, 5), "minute": (7, 7), "day": (7, 1000)}
 
 
-def test_quota_needs_distinct_windows() -> None:
-    with pytest.raises(ValueError, match="at least one"):
-        SlidingWindowQuota([])
-    with pytest.raises(ValueError, match="unique"):
-        SlidingWindowQuota([Window(1, 1.0, "a"), Window(2, 2.0, "a")])
+def test_nothing_granted_says_how_long_to_wait() -> None:
+    ledger = QuotaLedger([Window("second", 1, 1.0, 0.1, 0.15)])
+    assert ledger.reserve(10.02, 1).granted == 1
+    refused = ledger.reserve(10.5, 1)
+    assert refused.granted == 0
+    # Bucket [10.0, 10.1) stops counting at 10.1 + 1.0 + 0.15.
+    assert refused.wait == pytest.approx(11.25 - 10.5, abs=1e-3)
+    assert ledger.reserve(10.5 + refused.wait, 1).granted == 1
 
 
-@settings(max_examples=100, deadline=None)
+def test_release_gives_back_unused_calls() -> None:
+    ledger = QuotaLedger([Window("minute", 3, 60.0, 1.0)])
+    grant = ledger.reserve(0.0, 3)
+    ledger.release(grant, 2)
+    assert ledger.used(0.5) == {"minute": (1, 3)}
+    assert ledger.reserve(0.5, 5).granted == 2
+
+
+def test_pause_blocks_and_is_never_shortened() -> None:
+    ledger = QuotaLedger(plan_windows(10, 100, 1000))
+    ledger.pause(50.0, 10.0)
+    ledger.pause(50.0, 2.0)
+    ledger.pause(50.0, float("inf"))
+    refused = ledger.reserve(55.0, 1)
+    assert (refused.granted, refused.wait) == (0, pytest.approx(5.0))
+    assert ledger.reserve(60.0, 1).granted == 1
+
+
+def test_old_buckets_are_forgotten() -> None:
+    ledger = QuotaLedger(plan_windows(10, 100, 1000))
+    for second in range(0, 200_000, 500):
+        ledger.reserve(float(second), 1)
+    assert len(ledger.usage["second"]) <= 20
+    assert len(ledger.usage["day"]) <= 1500
+
+
+def test_windows_are_validated() -> None:
+    with pytest.raises(ValueError, match="limit"):
+        Window("w", 0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="positive"):
+        Window("w", 1, 0.0, 0.1)
+
+
+@settings(max_examples=200, deadline=None)
 @given(
-    limit=st.integers(min_value=1, max_value=5),
-    seconds=st.sampled_from([0.5, 1.0, 3.0]),
-    gaps=st.lists(st.floats(min_value=0.0, max_value=2.0), min_size=1, max_size=40),
+    limit=st.integers(1, 5),
+    seconds=st.sampled_from([1.0, 60.0]),
+    gaps=st.lists(st.floats(0.0, 3.0), min_size=1, max_size=80),
+    wants=st.lists(st.integers(1, 4), min_size=1, max_size=80),
 )
-def test_following_wait_time_never_overfills_any_interval(
-    limit: int, seconds: float, gaps: list[float]
+def test_no_sliding_window_ever_holds_more_than_the_limit(
+    limit: int, seconds: float, gaps: list[float], wants: list[int]
 ) -> None:
-    # Whatever the arrival pattern, a caller that waits as told never starts more than
-    # `limit` calls within any interval shorter than `seconds`.
-    quota = SlidingWindowQuota([Window(limit=limit, seconds=seconds, name="w")])
-    now = 0.0
-    starts: list[float] = []
-    for gap in gaps:
+    window = Window("w", limit, seconds, seconds / 10)
+    ledger = QuotaLedger([window])
+    now, starts = 0.0, []
+    for gap, want in zip(gaps, wants, strict=False):
         now += gap
-        now += quota.wait_time(now)
-        assert quota.wait_time(now) == 0.0
-        quota.record(now)
-        starts.append(now)
-    for i, start in enumerate(starts):
-        inside = [s for s in starts[i:] if s - start < seconds - 1e-9]
-        assert len(inside) <= limit
+        starts += [now] * ledger.reserve(now, want).granted
+    for index, start in enumerate(starts):
+        in_window = [t for t in starts[index:] if t - start < seconds]
+        assert len(in_window) <= limit
+
+
+def test_grantable_with_no_usage() -> None:
+    assert grantable(plan_windows(3, 30, 300), {}, 0.0, 10) == 3

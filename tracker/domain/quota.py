@@ -1,26 +1,26 @@
-"""Rate-limit arithmetic for Deepvue's per-key call quotas.
+"""Rate-limit arithmetic for Deepvue's per-key call quotas, shareable through a database.
 
-Deepvue limits each API key per second, per minute and per day, each window checked on its
-own, and does not say whether it counts fixed or sliding windows. A sliding log is the
-conservative reading: if no interval of a window's length ever holds more than `limit` call
-starts, then no fixed window of that length can either, wherever its boundaries fall.
+Deepvue limits each API key per second, per minute and per day, each window on its own, and
+does not say whether it counts fixed or sliding windows. We assume sliding windows, the
+strictest reading: in no interval of a window's length may more than `limit` calls start.
 
-Pure: the caller passes the time (float seconds from a monotonic clock) into every method.
-Time must not go backwards between calls, since entries that have left a window are dropped.
+Calls are counted in small buckets per window (0.1 s for the second, 1 s for the minute,
+1 min for the day). A bucket is counted in full for as long as any part of it could still
+fall inside the window, widened by a margin for the delay between reserving a call and
+Deepvue receiving it. That over-counts slightly and never under-counts, and it keeps the
+state small enough to live in a database row per bucket, so several processes can share
+one budget and a restart does not reset the day.
+
+Pure: time (float seconds on a clock every sharer agrees on) is always passed in.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-__all__ = ["PLANS", "SlidingWindowQuota", "Window", "plan_windows"]
-
-# Float slack when deciding that a start has left its window: `now + wait_time(now)` can land
-# a rounding error short of the exact boundary, and a caller that waited as told must then be
-# let through rather than be told to wait another 4e-16 s. A nanosecond loosens no real limit.
-_EPSILON = 1e-9
+__all__ = ["PLANS", "Grant", "QuotaLedger", "Usage", "Window", "grantable", "plan_windows"]
 
 # Deepvue's published plans: (per second, per minute, per day) per API key.
 PLANS: Mapping[str, tuple[int, int, int]] = {
@@ -30,88 +30,121 @@ PLANS: Mapping[str, tuple[int, int, int]] = {
     "enterprise": (17, 1000, 50000),
 }
 
+# window name -> bucket number -> calls counted in that bucket
+Usage = Mapping[str, Mapping[int, int]]
+
 
 @dataclass(frozen=True)
 class Window:
+    name: str  # "second", "minute", "day"
     limit: int  # at most this many call starts...
     seconds: float  # ...in any interval of this length
-    name: str  # "second", "minute", "day": the key in `usage()`
+    bucket: float  # width of one counting bucket
+    margin: float = 0.0  # extra width, for the reserve-to-arrival delay
 
     def __post_init__(self) -> None:
         # A zero limit would block forever and a zero length would count nothing: both are
         # configuration mistakes better refused at start-up than discovered as a stall.
         if self.limit < 1:
             raise ValueError(f"window {self.name!r}: limit must be at least 1, got {self.limit}")
-        if not self.seconds > 0:
-            raise ValueError(f"window {self.name!r}: seconds must be > 0, got {self.seconds}")
+        if not (self.seconds > 0 and self.bucket > 0 and self.margin >= 0):
+            raise ValueError(f"window {self.name!r}: lengths must be positive")
+
+    def bucket_of(self, now: float) -> int:
+        return math.floor(now / self.bucket)
+
+    def first_counted_bucket(self, now: float) -> int:
+        """The oldest bucket that may still hold a call inside the (widened) window."""
+        return math.floor((now - self.seconds - self.margin) / self.bucket)
+
+    def used(self, buckets: Mapping[int, int], now: float) -> int:
+        first = self.first_counted_bucket(now)
+        return sum(count for bucket, count in buckets.items() if bucket >= first)
+
+    def free_at(self, buckets: Mapping[int, int], now: float) -> float:
+        """When at least one more call fits in this window (`now` if one fits already)."""
+        if self.used(buckets, now) < self.limit:
+            return now
+        first = self.first_counted_bucket(now)
+        oldest = min(bucket for bucket, count in buckets.items() if bucket >= first and count)
+        # The oldest bucket stops counting once first_counted_bucket(t) passes it; the
+        # microsecond guards against float rounding landing just short of the boundary.
+        return (oldest + 1) * self.bucket + self.seconds + self.margin + 1e-6
 
 
-def plan_windows(per_second: int, per_minute: int, per_day: int) -> list[Window]:
+def plan_windows(
+    per_second: int, per_minute: int, per_day: int, *, margin: float = 0.15
+) -> list[Window]:
+    """The three Deepvue windows; `margin` covers reserve-to-arrival delay and clock jitter."""
     return [
-        Window(limit=per_second, seconds=1.0, name="second"),
-        Window(limit=per_minute, seconds=60.0, name="minute"),
-        Window(limit=per_day, seconds=86400.0, name="day"),
+        Window("second", per_second, 1.0, 0.1, margin),
+        Window("minute", per_minute, 60.0, 1.0, margin),
+        Window("day", per_day, 86400.0, 60.0, margin),
     ]
 
 
-class _Log:
-    """The start times of the most recent calls of one window.
-
-    Only the newest `limit` starts can ever decide anything (the oldest of them is the one
-    that must leave before another call fits), so the deque is capped at `limit`: memory stays
-    bounded even if the caller records calls the quota did not allow.
-    """
-
-    def __init__(self, window: Window) -> None:
-        self.window = window
-        self.starts: deque[float] = deque(maxlen=window.limit)
-
-    def active(self, now: float) -> int:
-        # A start at t counts while now - t < seconds: half-open (now - seconds, now], so two
-        # starts exactly `seconds` apart never share a window of that length.
-        while self.starts and now - self.starts[0] >= self.window.seconds - _EPSILON:
-            self.starts.popleft()
-        return len(self.starts)
-
-    def wait_time(self, now: float) -> float:
-        if self.active(now) < self.window.limit:
-            return 0.0
-        # Full: the next call fits once the oldest start has left the window.
-        return max(self.starts[0] + self.window.seconds - now, 0.0)
+def grantable(windows: Sequence[Window], usage: Usage, now: float, want: int) -> int:
+    """How many of `want` calls may start at `now`."""
+    room = min(window.limit - window.used(usage.get(window.name, {}), now) for window in windows)
+    return max(0, min(want, room))
 
 
-class SlidingWindowQuota:
-    """Several windows (say per second, minute and day), each enforced independently."""
+def wait_time(windows: Sequence[Window], usage: Usage, now: float) -> float:
+    """Seconds until one more call fits in every window."""
+    return max(
+        max(window.free_at(usage.get(window.name, {}), now) for window in windows) - now, 0.0
+    )
 
-    def __init__(self, windows: Sequence[Window]) -> None:
-        if not windows:
-            raise ValueError("a quota needs at least one window")
-        names = [w.name for w in windows]
-        if len(set(names)) != len(names):
-            raise ValueError(f"window names must be unique, got {names}")
-        self._logs = [_Log(w) for w in windows]
 
-    @property
-    def windows(self) -> list[Window]:
-        return [log.window for log in self._logs]
+@dataclass(frozen=True)
+class Grant:
+    """Calls reserved at `at`, counted in one bucket per window."""
 
-    def wait_time(self, now: float) -> float:
-        """0.0 if a call may start now, else seconds until one may.
+    granted: int
+    at: float
+    buckets: tuple[tuple[str, int], ...] = ()
+    wait: float = 0.0  # when nothing was granted: seconds until something may be
 
-        Waiting for the slowest window is enough: while nobody records, windows only empty.
-        """
-        return max(log.wait_time(now) for log in self._logs)
 
-    def record(self, now: float) -> None:
-        """A call started at `now` (recorded even if over quota: the server counts it too)."""
-        for log in self._logs:
-            log.active(now)
-            log.starts.append(now)
+@dataclass
+class QuotaLedger:
+    """An in-memory budget: the same arithmetic the database budget applies to its rows."""
 
-    def capacity(self, now: float) -> int:
-        """How many calls could start right now, back to back."""
-        return max(min(log.window.limit - log.active(now) for log in self._logs), 0)
+    windows: Sequence[Window]
+    usage: dict[str, dict[int, int]] = field(default_factory=dict)
+    paused_until: float = -math.inf
 
-    def usage(self, now: float) -> dict[str, tuple[int, int]]:
-        """Window name -> (calls started within it, its limit)."""
-        return {log.window.name: (log.active(now), log.window.limit) for log in self._logs}
+    def reserve(self, now: float, want: int) -> Grant:
+        if now < self.paused_until:
+            return Grant(0, now, wait=self.paused_until - now)
+        granted = grantable(self.windows, self.usage, now, want)
+        if granted == 0:
+            return Grant(0, now, wait=wait_time(self.windows, self.usage, now))
+        buckets = tuple((w.name, w.bucket_of(now)) for w in self.windows)
+        for name, bucket in buckets:
+            per_window = self.usage.setdefault(name, {})
+            per_window[bucket] = per_window.get(bucket, 0) + granted
+        self._forget_old(now)
+        return Grant(granted, now, buckets)
+
+    def release(self, grant: Grant, unused: int) -> None:
+        """Give back calls that were reserved but never made."""
+        for name, bucket in grant.buckets:
+            per_window = self.usage.get(name, {})
+            if bucket in per_window:
+                per_window[bucket] = max(0, per_window[bucket] - unused)
+
+    def pause(self, now: float, seconds: float) -> None:
+        """No call starts before now + seconds (extends a pause, never shortens it)."""
+        if math.isfinite(seconds) and seconds > 0:
+            self.paused_until = max(self.paused_until, now + seconds)
+
+    def used(self, now: float) -> dict[str, tuple[int, int]]:
+        return {w.name: (w.used(self.usage.get(w.name, {}), now), w.limit) for w in self.windows}
+
+    def _forget_old(self, now: float) -> None:
+        for window in self.windows:
+            first = window.first_counted_bucket(now)
+            per_window = self.usage.get(window.name, {})
+            for bucket in [b for b in per_window if b < first]:
+                del per_window[bucket]
