@@ -90,6 +90,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if report.auth_failed else EXIT_OK
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from tracker.health import health_problem
+
+    settings = _settings(args)
+    problem = health_problem(settings)
+    if problem is not None:
+        print(f"tracker: unhealthy: {problem}", file=sys.stderr)
+        return EXIT_FAILURE
+    print("ok")
+    return EXIT_OK
+
+
 def cmd_add(args: argparse.Namespace) -> int:
     from tracker.domain.request_ids import request_id_problem
 
@@ -271,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run the daemon in the foreground (applies migrations first); SIGTERM stops it cleanly",
     )
     command("sweep", cmd_sweep, "work every batch that is due now once, then exit")
+    command(
+        "check",
+        cmd_check,
+        "exit 0 if the database answers, its schema is current and this host's daemon swept "
+        "recently; else exit 1 with one line saying what is wrong",
+    )
     add = command(
         "add", cmd_add, "start tracking request ids (already tracked ones are reported, not errors)"
     )

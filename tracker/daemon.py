@@ -7,6 +7,7 @@ and the source of truth, so several instances can run without a shared job store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 import structlog
 
 from tracker.budget import DatabaseBudget
@@ -102,21 +104,44 @@ class Daemon:
         self._idle = asyncio.Event()
         self._idle.set()
         self._signals = 0
+        # After a failed sweep (database unreachable) wait longer before each new try.
+        self._failures = 0
+        self._next_try = 0.0
+        self._progress_seen = 0
+
+    async def heartbeat(self) -> None:
+        """During a long sweep, tell `tracker check` the loop is alive while work moves."""
+        if self._current is None or self.sweeper.progress == self._progress_seen:
+            return
+        self._progress_seen = self.sweeper.progress
+        with contextlib.suppress(sa.exc.SQLAlchemyError):
+            await asyncio.to_thread(
+                self.sweeper.store.record_sweep, self.sweeper.owner, datetime.now(UTC)
+            )
 
     async def tick(self) -> None:
-        """The APScheduler job: one sweep, never raising (the next tick tries again)."""
-        if self.sweeper.stopping.is_set():
+        """The APScheduler job: one sweep, never raising (a later tick tries again)."""
+        loop = asyncio.get_running_loop()
+        if self.sweeper.stopping.is_set() or loop.time() < self._next_try:
             return
         self._idle.clear()
         self._current = asyncio.current_task()
         try:
             report = await self.sweeper.sweep()
+            now = datetime.now(UTC)
+            await asyncio.to_thread(self.sweeper.store.record_sweep, self.sweeper.owner, now)
         except asyncio.CancelledError:
             raise
         except Exception as error:  # e.g. the database is unreachable right now
-            log.error("sweep.failed", error=f"{type(error).__name__}: {error}")
+            self._failures += 1
+            backoff = min(60.0, self.sweep_interval * 2 ** min(self._failures, 10))
+            self._next_try = loop.time() + backoff
+            log.error("sweep.failed", error=_describe(error), retry_in=round(backoff, 1))
         else:
-            self.last_sweep_at = datetime.now(UTC)
+            if self._failures:
+                log.info("sweep.recovered", after_failures=self._failures)
+            self._failures = 0
+            self.last_sweep_at = now
             if report.claimed or report.errors:
                 log.info(
                     "sweep.done",
@@ -160,6 +185,14 @@ class Daemon:
             coalesce=True,
             misfire_grace_time=None,
         )
+        scheduler.add_job(
+            self.heartbeat,
+            "interval",
+            seconds=self.sweep_interval,
+            id="heartbeat",
+            max_instances=1,
+            coalesce=True,
+        )
         scheduler.start()
         log.info("daemon.started", owner=self.sweeper.owner, sweep_interval=self.sweep_interval)
         try:
@@ -177,6 +210,31 @@ class Daemon:
         log.info("daemon.stopped")
 
 
+def _describe(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {lines[0] if lines else ''}"
+
+
+async def _until_database_answers(engine: sa.Engine, stop: asyncio.Event) -> bool:
+    """Apply migrations, retrying with backoff while the database is unreachable.
+
+    False if told to stop before the database answered.
+    """
+    delay = 1.0
+    while True:
+        try:
+            await asyncio.to_thread(upgrade_database, engine)
+            return True
+        except sa.exc.OperationalError as error:
+            log.error("db.unreachable", error=_describe(error), retry_in=delay)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return False
+        delay = min(delay * 2, 60.0)
+
+
 async def run_service(
     settings: Settings,
     scrubber: SecretScrubber,
@@ -186,10 +244,22 @@ async def run_service(
 ) -> None:
     """Migrate, then sweep on an interval until a signal (or `until(store)` holds)."""
     engine = create_engine_for(settings.database_url)
+    early_stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, early_stop.set)
     try:
-        await asyncio.to_thread(upgrade_database, engine)
+        if not await _until_database_answers(engine, early_stop):
+            return
         store = Store(engine)
         async with open_sweeper(settings, store, scrubber, policy=policy) as sweeper:
+            await asyncio.to_thread(
+                store.register_instance,
+                sweeper.owner,
+                socket.gethostname(),
+                os.getpid(),
+                datetime.now(UTC),
+            )
             daemon = Daemon(sweeper, settings.sweep_interval)
             watcher = asyncio.create_task(_stop_when(daemon, store, until)) if until else None
             try:
@@ -197,7 +267,11 @@ async def run_service(
             finally:
                 if watcher is not None:
                     watcher.cancel()
+                with contextlib.suppress(sa.exc.SQLAlchemyError):
+                    await asyncio.to_thread(store.mark_stopped, sweeper.owner, datetime.now(UTC))
     finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
         engine.dispose()
 
 

@@ -19,6 +19,8 @@ from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import PLANS
 
 ENV_PREFIX = "TRACKER_"
+# The name of the systemd credential holding the client secret (LoadCredential=).
+CREDENTIAL_NAME = "client_secret"
 
 
 class SettingsError(ValueError):
@@ -221,6 +223,13 @@ def load_settings(
             reason = str(error) if "invalid literal" not in str(error) else "not a number"
             shown = "***" if "secret" in name else repr(text)
             raise SettingsError(f"{ENV_PREFIX}{name.upper()}={shown}: {reason}") from None
+
+    # Under systemd, LoadCredential=client_secret:... puts the secret in this directory.
+    credentials = environ.get("CREDENTIALS_DIRECTORY")
+    if credentials and "client_secret" not in parsed and "client_secret_file" not in parsed:
+        candidate = Path(credentials) / CREDENTIAL_NAME
+        if candidate.is_file():
+            parsed["client_secret_file"] = candidate
 
     # A plan fills in the three rates unless they are given one by one.
     plan = parsed.get("plan", Settings.plan)

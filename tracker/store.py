@@ -18,7 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tracker.domain.policy import Decision, Tracked
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, check_transition
-from tracker.schema import batches, transitions
+from tracker.schema import batches, instances, transitions
 
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
@@ -361,3 +361,34 @@ class Store:
                     .values(lease_owner=None, lease_expires_at=None)
                 ).rowcount
         return released
+
+    # --- instances and health ------------------------------------------------------
+
+    def register_instance(self, owner: str, host: str, pid: int, now: datetime) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                instances.insert().values(owner=owner, host=host, pid=pid, started_at=now)
+            )
+
+    def record_sweep(self, owner: str, now: datetime) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                instances.update().where(instances.c.owner == owner).values(last_sweep_at=now)
+            )
+
+    def mark_stopped(self, owner: str, now: datetime) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                instances.update().where(instances.c.owner == owner).values(stopped_at=now)
+            )
+
+    def last_sweep(self, host: str | None = None) -> datetime | None:
+        """When a running instance (on `host`, if given) last finished a sweep."""
+        query = sa.select(sa.func.max(instances.c.last_sweep_at)).where(
+            instances.c.stopped_at.is_(None)
+        )
+        if host is not None:
+            query = query.where(instances.c.host == host)
+        with self.engine.begin() as connection:
+            last: datetime | None = connection.execute(query).scalar_one_or_none()
+        return last

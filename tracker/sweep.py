@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
+import sqlalchemy as sa
 import structlog
 
 from tracker.deepvue import AuthFailed, DeepvueClient
@@ -52,12 +53,25 @@ class GroupCommit:
     A worker awaits its own write and learns whether it still held its lease. While one
     transaction is in flight the next writes queue up and go in the following one, so
     commits stay few under load and immediate when idle.
+
+    When the database is unreachable the group is retried with backoff for up to
+    `outage_patience` seconds, so a restart of PostgreSQL delays transitions instead of
+    losing them. Retrying is safe: every write is guarded by its lease token and the state
+    it read, so a write that did commit before the connection dropped cannot apply twice.
     """
 
-    def __init__(self, store: Store, clock: Callable[[], datetime], max_group: int = 256) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], datetime],
+        *,
+        max_group: int = 256,
+        outage_patience: float = 60.0,
+    ) -> None:
         self._store = store
         self._clock = clock
         self._max_group = max_group
+        self._outage_patience = outage_patience
         self._queue: list[tuple[BatchWrite, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -73,10 +87,8 @@ class GroupCommit:
             group = self._queue[: self._max_group]
             del self._queue[: self._max_group]
             try:
-                applied = await asyncio.to_thread(
-                    self._store.apply, [write for write, _ in group], self._clock()
-                )
-            except Exception as error:  # the database is down: every writer hears of it
+                applied = await self._apply_with_retry([write for write, _ in group])
+            except Exception as error:
                 for _, future in group:
                     if not future.done():
                         future.set_exception(error)
@@ -84,6 +96,26 @@ class GroupCommit:
             for (_, future), ok in zip(group, applied, strict=True):
                 if not future.done():
                     future.set_result(ok)
+
+    async def _apply_with_retry(self, writes: list[BatchWrite]) -> list[bool]:
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self._outage_patience
+        delay = 0.5
+        while True:
+            try:
+                return await asyncio.to_thread(self._store.apply, writes, self._clock())
+            except sa.exc.DBAPIError as error:
+                if not error.connection_invalidated and not isinstance(
+                    error, sa.exc.OperationalError
+                ):
+                    raise
+                if loop.time() + delay > give_up_at:
+                    raise
+                log.warning(
+                    "db.unreachable", retry_in=delay, writes=len(writes), error=_first_line(error)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
 
 
 @dataclass
@@ -126,6 +158,9 @@ class Sweeper:
         self.clock = clock
         self.max_quota_wait = max_quota_wait
         self.stopping = asyncio.Event()
+        # Grows whenever work moves (a claim, a finished batch, a download's keep-alive), so
+        # the daemon can tell a long but healthy sweep from a wedged one.
+        self.progress = 0
         self._commit = GroupCommit(store, clock)
         self._auth_backoff = 0.0
 
@@ -150,6 +185,7 @@ class Sweeper:
                             self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
                         )
                         report.claimed += len(claimed)
+                        self.progress += 1
                         if len(claimed) < want:
                             exhausted = True
                             await throttle.release_unused()
@@ -173,9 +209,16 @@ class Sweeper:
                 )
                 for task in done:
                     running.pop(task)
-                    if not task.cancelled() and task.exception() is not None:
-                        report.errors += 1
-                        log.error("sweep.worker_crashed", exc_info=task.exception())
+                    self.progress += 1
+                    error = None if task.cancelled() else task.exception()
+                    if error is None:
+                        continue
+                    report.errors += 1
+                    if isinstance(error, sa.exc.DBAPIError):
+                        # The batch's lease expires and it is looked at again later.
+                        log.error("db.write_failed", error=_first_line(error))
+                    else:
+                        log.error("sweep.worker_crashed", exc_info=error)
         finally:
             if running:  # cancelled from outside: hand the rest back
                 await self._wind_down(running, grace=0.0)
@@ -250,6 +293,7 @@ class Sweeper:
         self, batch: Tracked, url: str, report: SweepReport, bound: structlog.BoundLogger
     ) -> None:
         async def still_owner() -> bool:
+            self.progress += 1
             return await asyncio.to_thread(
                 self.store.extend_lease, batch, self.lease_seconds, self.clock()
             )
@@ -323,3 +367,9 @@ def _download_problem(error: DownloadError) -> DownloadProblem:
     if isinstance(error, OutputUnwritable):
         return DownloadProblem.UNWRITABLE
     return DownloadProblem.INTERRUPTED
+
+
+def _first_line(error: BaseException) -> str:
+    original = getattr(error, "orig", None) or error
+    text = str(original).strip().splitlines()
+    return f"{type(original).__name__}: {text[0] if text else ''}"

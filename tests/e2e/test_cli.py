@@ -12,11 +12,23 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TRACKER, FakeApi, raw_insert, states, tracker_env
+from tests.e2e.conftest import TRACKER, Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
 
 pytestmark = pytest.mark.e2e
 
-COMMANDS = ["db", "run", "sweep", "add", "list", "show", "retry", "cancel", "fake-api", "demo"]
+COMMANDS = [
+    "db",
+    "run",
+    "sweep",
+    "check",
+    "add",
+    "list",
+    "show",
+    "retry",
+    "cancel",
+    "fake-api",
+    "demo",
+]
 
 
 def tracker(
@@ -163,3 +175,26 @@ def test_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "13 batches final" in result.stdout
     assert "<- expected" not in result.stdout
+
+
+def test_check_reports_health(
+    e2e_database_url: str,
+    tmp_path: Path,
+    fake_api: Callable[..., FakeApi],
+    run_daemon: Callable[[dict[str, str]], Daemon],
+) -> None:
+    env = plain_env(e2e_database_url)
+    before = tracker(env, "check")
+    assert before.returncode == 1
+    assert "migration(s) pending" in before.stderr
+    assert len(before.stderr.strip().splitlines()) == 1
+
+    api = fake_api()
+    daemon = run_daemon(tracker_env(e2e_database_url, api.url, tmp_path / "out"))
+    daemon.wait_started()
+    wait_until(lambda: tracker(env, "check").returncode == 0, 30, "a healthy check")
+    assert tracker(env, "check").stdout.strip() == "ok"
+    assert daemon.stop() == 0
+    stopped = tracker(env, "check")
+    assert stopped.returncode == 1
+    assert "has completed a sweep" in stopped.stderr

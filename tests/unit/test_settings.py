@@ -116,3 +116,13 @@ def test_secret_file_is_read_at_every_call(tmp_path: Path) -> None:
 
 def test_secret_is_not_in_repr() -> None:
     assert "hunter22" not in repr(Settings(client_secret="hunter22"))
+
+
+def test_systemd_credential_is_the_default_secret_file(tmp_path: Path) -> None:
+    (tmp_path / "client_secret").write_text("from-systemd\n")
+    settings = load_settings({"CREDENTIALS_DIRECTORY": str(tmp_path), "TRACKER_CLIENT_ID": "me"})
+    assert settings.read_client_secret() == "from-systemd"
+    explicit = load_settings(
+        {"CREDENTIALS_DIRECTORY": str(tmp_path), "TRACKER_CLIENT_SECRET": "explicit"}
+    )
+    assert explicit.read_client_secret() == "explicit"
