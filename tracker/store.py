@@ -136,6 +136,28 @@ class Store:
         with self.engine.begin() as connection:
             return {state: count for state, count in connection.execute(query)}
 
+    def oldest_unfinished(self) -> BatchRow | None:
+        query = (
+            sa.select(batches)
+            .where(batches.c.state.in_(_ACTIVE))
+            .order_by(batches.c.created_at, batches.c.id)
+            .limit(1)
+        )
+        with self.engine.begin() as connection:
+            row = connection.execute(query).first()
+        return BatchRow(**row._mapping) if row is not None else None
+
+    def recent_errors(self, limit: int = 10) -> list[BatchRow]:
+        """Batches with a last_error, most recently updated first."""
+        query = (
+            sa.select(batches)
+            .where(batches.c.last_error.is_not(None))
+            .order_by(batches.c.updated_at.desc(), batches.c.id.desc())
+            .limit(limit)
+        )
+        with self.engine.begin() as connection:
+            return [BatchRow(**row._mapping) for row in connection.execute(query)]
+
     def retry(self, request_id: str, now: datetime) -> tuple[OperatorResult, str | None]:
         """Put a terminal batch back to pending, as an operator asked."""
         return self._operator_move(
