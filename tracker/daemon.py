@@ -25,6 +25,7 @@ from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
+from tracker.listen import listen_for_new_batches
 from tracker.logs import SecretScrubber
 from tracker.settings import Settings
 from tracker.store import Store
@@ -95,9 +96,21 @@ async def open_sweeper(
 class Daemon:
     """Runs sweeps on an interval until told to stop."""
 
-    def __init__(self, sweeper: Sweeper, sweep_interval: float) -> None:
+    def __init__(
+        self,
+        sweeper: Sweeper,
+        sweep_interval: float,
+        *,
+        on_final: str | None = None,
+        on_final_timeout: float = 60.0,
+    ) -> None:
         self.sweeper = sweeper
         self.sweep_interval = sweep_interval
+        self.on_final = on_final
+        self.on_final_timeout = on_final_timeout
+        self._again = False
+        self._woken: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
         self.stopped = asyncio.Event()
         self.last_sweep_at: datetime | None = None
         self._current: asyncio.Task[object] | None = None
@@ -119,13 +132,39 @@ class Daemon:
                 self.sweeper.store.record_sweep, self.sweeper.owner, datetime.now(UTC)
             )
 
-    async def tick(self) -> None:
-        """The APScheduler job: one sweep, never raising (a later tick tries again)."""
-        loop = asyncio.get_running_loop()
-        if self.sweeper.stopping.is_set() or loop.time() < self._next_try:
+    def wake(self) -> None:
+        """Sweep now (a new batch was inserted), or again right after the running sweep."""
+        if self.sweeper.stopping.is_set():
             return
-        self._idle.clear()
+        if self._current is not None:
+            self._again = True
+            return
+        task = asyncio.get_running_loop().create_task(self.tick())
+        self._woken.add(task)
+        task.add_done_callback(self._woken.discard)
+
+    async def tick(self) -> None:
+        """The APScheduler job: sweeps until nothing is left to do, never raising."""
+        if self._current is not None:
+            self._again = True
+            return
         self._current = asyncio.current_task()
+        self._idle.clear()
+        try:
+            self._again = True
+            while self._again and not self.sweeper.stopping.is_set():
+                self._again = False
+                if not await self._sweep_once():
+                    break
+            await self._run_final_hooks()
+        finally:
+            self._current = None
+            self._idle.set()
+
+    async def _sweep_once(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if loop.time() < self._next_try:
+            return False
         try:
             report = await self.sweeper.sweep()
             now = datetime.now(UTC)
@@ -137,24 +176,55 @@ class Daemon:
             backoff = min(60.0, self.sweep_interval * 2 ** min(self._failures, 10))
             self._next_try = loop.time() + backoff
             log.error("sweep.failed", error=_describe(error), retry_in=round(backoff, 1))
-        else:
-            if self._failures:
-                log.info("sweep.recovered", after_failures=self._failures)
-            self._failures = 0
-            self.last_sweep_at = now
-            if report.claimed or report.errors:
-                log.info(
-                    "sweep.done",
-                    claimed=report.claimed,
-                    checked=report.checked,
-                    transitions=report.transitions,
-                    downloaded=report.downloaded,
-                    conflicts=report.conflicts,
-                    errors=report.errors,
+            return False
+        if self._failures:
+            log.info("sweep.recovered", after_failures=self._failures)
+        self._failures = 0
+        self.last_sweep_at = now
+        await self._wake_when_next_due(now)
+        if report.claimed or report.errors:
+            log.info(
+                "sweep.done",
+                claimed=report.claimed,
+                checked=report.checked,
+                transitions=report.transitions,
+                downloaded=report.downloaded,
+                conflicts=report.conflicts,
+                errors=report.errors,
+            )
+        return True
+
+    async def _wake_when_next_due(self, now: datetime) -> None:
+        """Sweep again when the next check falls due, if that is before the next tick.
+
+        The interval tick is only the safety net: a batch due in 0.5 s is looked at in 0.5 s
+        (or when the budget allows), not at the next interval.
+        """
+        due = await asyncio.to_thread(self.sweeper.store.next_check_due)
+        if due is None:
+            return
+        delay = max((due - now).total_seconds(), self.sweeper.client.throttle.wait_time(), 0.01)
+        if delay >= self.sweep_interval:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, self.wake)
+
+    async def _run_final_hooks(self) -> None:
+        if self.on_final is None or self.sweeper.stopping.is_set():
+            return
+        from tracker.hooks import run_final_hook
+
+        try:
+            while not self.sweeper.stopping.is_set():
+                batches = await asyncio.to_thread(self.sweeper.store.claim_final_hooks, 8)
+                if not batches:
+                    return
+                await asyncio.gather(
+                    *(run_final_hook(self.on_final, b, self.on_final_timeout) for b in batches)
                 )
-        finally:
-            self._current = None
-            self._idle.set()
+        except sa.exc.SQLAlchemyError as error:
+            log.error("hook.claim_failed", error=_describe(error))
 
     def request_stop(self) -> None:
         """First signal: stop claiming, let work finish. Second: cut in-flight work short."""
@@ -251,7 +321,7 @@ async def run_service(
     try:
         if not await _until_database_answers(engine, early_stop):
             return
-        store = Store(engine)
+        store = Store(engine, final_hook=settings.on_final is not None)
         async with open_sweeper(settings, store, scrubber, policy=policy) as sweeper:
             await asyncio.to_thread(
                 store.register_instance,
@@ -260,13 +330,27 @@ async def run_service(
                 os.getpid(),
                 datetime.now(UTC),
             )
-            daemon = Daemon(sweeper, settings.sweep_interval)
-            watcher = asyncio.create_task(_stop_when(daemon, store, until)) if until else None
+            daemon = Daemon(
+                sweeper,
+                settings.sweep_interval,
+                on_final=settings.on_final,
+                on_final_timeout=settings.on_final_timeout,
+            )
+            helpers: list[asyncio.Task[None]] = []
+            if until is not None:
+                helpers.append(asyncio.create_task(_stop_when(daemon, store, until)))
+            if engine.dialect.name == "postgresql":
+                helpers.append(
+                    asyncio.create_task(
+                        listen_for_new_batches(settings.database_url, daemon.wake, daemon.stopped)
+                    )
+                )
             try:
                 await daemon.run()
             finally:
-                if watcher is not None:
-                    watcher.cancel()
+                for helper in helpers:
+                    helper.cancel()
+                await asyncio.gather(*helpers, return_exceptions=True)
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
                     await asyncio.to_thread(store.mark_stopped, sweeper.owner, datetime.now(UTC))
     finally:

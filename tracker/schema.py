@@ -89,6 +89,9 @@ batches = sa.Table(
     sa.Column("lease_owner", sa.Text, nullable=True),
     sa.Column("lease_token", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("lease_expires_at", UTCDateTime, nullable=True),
+    # Set when a batch becomes final while TRACKER_ON_FINAL is configured; cleared when a
+    # daemon takes the hook run on.
+    sa.Column("hook_pending", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint(f"state IN ({_state_list})", name="state"),
     # Claiming looks only at unfinished rows; a partial index keeps that cheap however
     # many finished batches the table holds.
@@ -99,6 +102,12 @@ batches = sa.Table(
         postgresql_where=sa.text(ACTIVE_PREDICATE),
     ),
     sa.Index("ix_tracker_batches_state", "state"),
+    sa.Index(
+        "ix_tracker_batches_hook_pending",
+        "id",
+        sqlite_where=sa.text("hook_pending"),
+        postgresql_where=sa.text("hook_pending"),
+    ),
 )
 
 transitions = sa.Table(

@@ -7,7 +7,7 @@ changed the batch meanwhile, and the write is dropped as a conflict, never force
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -65,6 +65,7 @@ class BatchRow:
     lease_owner: str | None
     lease_token: int
     lease_expires_at: datetime | None
+    hook_pending: bool
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,11 @@ class OperatorResult(StrEnum):
 
 
 class Store:
-    def __init__(self, engine: sa.Engine) -> None:
+    def __init__(self, engine: sa.Engine, *, final_hook: bool = False) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
+        # With TRACKER_ON_FINAL configured, every batch that becomes final is queued for it.
+        self.final_hook = final_hook
 
     # --- producers and operators -------------------------------------------------
 
@@ -135,6 +138,13 @@ class Store:
         query = sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)
         with self.engine.begin() as connection:
             return {state: count for state, count in connection.execute(query)}
+
+    def next_check_due(self) -> datetime | None:
+        """The earliest scheduled check among unfinished batches (None: none scheduled)."""
+        query = sa.select(sa.func.min(batches.c.next_check_at)).where(batches.c.state.in_(_ACTIVE))
+        with self.engine.begin() as connection:
+            due: datetime | None = connection.execute(query).scalar_one_or_none()
+        return due
 
     def oldest_unfinished(self) -> BatchRow | None:
         query = (
@@ -186,7 +196,7 @@ class Store:
             to_state=State.CANCELLED,
             now=now,
             detail="cancelled by an operator",
-            values={"finished_at": now, "next_check_at": None},
+            values={"finished_at": now, "next_check_at": None, "hook_pending": self.final_hook},
         )
 
     def _operator_move(
@@ -326,6 +336,7 @@ class Store:
         if decision.to_state in TERMINAL_STATES:
             values["finished_at"] = now
             values["next_check_at"] = None
+            values["hook_pending"] = self.final_hook
         if write.file is not None:
             values.update(
                 file_path=write.file.path, file_size=write.file.size, file_sha256=write.file.sha256
@@ -383,6 +394,61 @@ class Store:
                     .values(lease_owner=None, lease_expires_at=None)
                 ).rowcount
         return released
+
+    def claim_final_hooks(self, limit: int) -> list[BatchRow]:
+        """Take up to `limit` batches whose on-final hook has not run yet.
+
+        The flag is cleared as the batch is taken, so each hook runs at most once even with
+        several instances; a crash while the hook runs loses that run (documented).
+        """
+        pending = (
+            sa.select(batches.c.id)
+            .where(batches.c.hook_pending.is_(True))
+            .order_by(batches.c.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+        claim = (
+            batches.update()
+            .where(batches.c.id.in_(pending.scalar_subquery()))
+            .values(hook_pending=False)
+            .returning(*batches.c)
+        )
+        with self.engine.begin() as connection:
+            rows = [BatchRow(**row._mapping) for row in connection.execute(claim)]
+        return sorted(rows, key=lambda row: row.id)
+
+    def prune(self, finished_before: datetime, chunk: int = 500) -> Iterator[list[BatchRow]]:
+        """Delete final batches (and their transitions) finished before the cutoff.
+
+        One short transaction per chunk, so a daemon working on the same tables is never
+        blocked for long. Yields each deleted chunk (for removing files).
+        """
+        while True:
+            doomed = (
+                sa.select(batches.c.id)
+                .where(batches.c.state.in_(_TERMINAL), batches.c.finished_at < finished_before)
+                .order_by(batches.c.id)
+                .limit(chunk)
+                .with_for_update(skip_locked=True)
+            )
+            with self.engine.begin() as connection:
+                rows = [
+                    BatchRow(**row._mapping)
+                    for row in connection.execute(
+                        sa.select(batches).where(batches.c.id.in_(doomed.scalar_subquery()))
+                    )
+                ]
+                if not rows:
+                    return
+                ids = [row.id for row in rows]
+                # Explicit rather than relying on ON DELETE CASCADE, which SQLite honours
+                # only on connections that enabled foreign keys.
+                connection.execute(transitions.delete().where(transitions.c.batch_id.in_(ids)))
+                connection.execute(
+                    batches.delete().where(batches.c.id.in_(ids), batches.c.state.in_(_TERMINAL))
+                )
+            yield rows
 
     # --- instances and health ------------------------------------------------------
 

@@ -1,0 +1,225 @@
+"""Prometheus metrics and the small HTTP endpoint (/metrics, /healthz) that serves them.
+
+The endpoint is an aiohttp.web app running inside the daemon's own event loop, so a scrape
+reads the same objects the sweep updates without threads or locks. Each Metrics owns its
+registry: nothing is registered globally, so tests and several instances never collide.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Awaitable, Callable, Mapping
+
+import prometheus_client
+import structlog
+from aiohttp import web
+
+from tracker.domain.states import State, parse_state
+
+_log = structlog.get_logger(__name__)
+
+# Downloads run from well under a second to the one-hour download deadline.
+DOWNLOAD_SECONDS_BUCKETS: tuple[float, ...] = (
+    0.1,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    1200.0,
+    1800.0,
+    3600.0,
+    float("inf"),
+)
+
+
+class Metrics:
+    """The tracker's metrics; update them from the sweep, render them for a scrape."""
+
+    def __init__(self, registry: prometheus_client.CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else prometheus_client.CollectorRegistry()
+        self._status_calls = prometheus_client.Counter(
+            "tracker_status_calls",
+            "Deepvue status calls, by how the answer was classified.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._transitions = prometheus_client.Counter(
+            "tracker_transitions",
+            "Changes of batch state recorded by this instance, by the state entered.",
+            ["to_state"],
+            registry=self.registry,
+        )
+        self._download_bytes = prometheus_client.Counter(
+            "tracker_download_bytes",
+            "Bytes of output files published by this instance.",
+            registry=self.registry,
+        )
+        self._download_seconds = prometheus_client.Histogram(
+            "tracker_download_seconds",
+            "Time to fetch, verify and publish one output file.",
+            buckets=DOWNLOAD_SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self._batches = prometheus_client.Gauge(
+            "tracker_batches",
+            "Batches in the database, by state (all instances).",
+            ["state"],
+            registry=self.registry,
+        )
+        self._quota_used = prometheus_client.Gauge(
+            "tracker_quota_used",
+            "Status calls counted in each rate-limit window.",
+            ["window"],
+            registry=self.registry,
+        )
+        self._quota_left = prometheus_client.Gauge(
+            "tracker_quota_left",
+            "Status calls still allowed in each rate-limit window.",
+            ["window"],
+            registry=self.registry,
+        )
+        self._oldest_unfinished_age = prometheus_client.Gauge(
+            "tracker_oldest_unfinished_age_seconds",
+            "Age of the oldest batch not yet in a terminal state (0 when there is none).",
+            registry=self.registry,
+        )
+        self._last_sweep = prometheus_client.Gauge(
+            "tracker_last_sweep_timestamp_seconds",
+            "Unix time at which this instance last completed a sweep.",
+            registry=self.registry,
+        )
+        # Publish every state from the first scrape, so a query sees 0 rather than no data.
+        self.set_batch_counts({})
+
+    def observe_status(self, outcome: str) -> None:
+        self._status_calls.labels(outcome=outcome).inc()
+
+    def observe_transition(self, to_state: str) -> None:
+        self._transitions.labels(to_state=to_state).inc()
+
+    def observe_download(self, size: int, seconds: float) -> None:
+        self._download_bytes.inc(size)
+        self._download_seconds.observe(seconds)
+
+    def set_batch_counts(self, counts: Mapping[str, int]) -> None:
+        """Counts by state; a state missing from `counts` has no batches. Unknown states raise."""
+        known = {parse_state(state): count for state, count in counts.items()}
+        for state in State:
+            self._batches.labels(state=state.value).set(known.get(state, 0))
+
+    def set_quota(self, usage: Mapping[str, tuple[int, int]]) -> None:
+        """`usage` maps a window name ("second", "minute", "day") to (used, limit)."""
+        for window, (used, limit) in usage.items():
+            self._quota_used.labels(window=window).set(used)
+            self._quota_left.labels(window=window).set(max(limit - used, 0))
+
+    def set_oldest_unfinished_age(self, seconds: float | None) -> None:
+        self._oldest_unfinished_age.set(0.0 if seconds is None else seconds)
+
+    def mark_sweep(self, timestamp: float) -> None:
+        self._last_sweep.set(timestamp)
+
+    def render(self) -> tuple[bytes, str]:
+        body = prometheus_client.generate_latest(self.registry)
+        return body, prometheus_client.CONTENT_TYPE_LATEST
+
+
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*")
+
+
+def parse_listen_address(text: str) -> tuple[str, int]:
+    """("host", port) from "127.0.0.1:9464", "[::1]:9464" or "localhost:9464"."""
+    expected = 'expected HOST:PORT such as "127.0.0.1:9464", "[::1]:9464" or "localhost:9464"'
+    stripped = text.strip()
+    if "://" in stripped:
+        raise ValueError(f"invalid listen address {text!r}: give HOST:PORT, not a URL")
+    host, separator, port_text = stripped.rpartition(":")
+    if not separator or not host or stripped.endswith("]"):
+        raise ValueError(f"invalid listen address {text!r}: {expected}")
+    if host.startswith("["):
+        if not host.endswith("]"):
+            raise ValueError(
+                f"invalid listen address {text!r}: unclosed '[' around the IPv6 address"
+            )
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(
+                f"invalid listen address {text!r}: {host!r} is not an IPv6 address"
+            ) from None
+    elif ":" in host:
+        raise ValueError(
+            f"invalid listen address {text!r}: write an IPv6 address in brackets, like [::1]:9464"
+        )
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(
+            f"invalid listen address {text!r}: {host!r} is not a host name or IP address"
+        )
+    # isdigit alone would accept "²" and int() would accept "+9464" or " 9464".
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
+        raise ValueError(
+            f"invalid listen address {text!r}: the port must be a number from 0 to 65535"
+        )
+    return host, int(port_text)
+
+
+async def start_metrics_server(
+    address: str,
+    metrics: Metrics,
+    health: Callable[[], Awaitable[str | None]],
+) -> web.AppRunner:
+    """Serve GET /metrics and GET /healthz on `address`; stop it with `await runner.cleanup()`.
+
+    `health` returns None when all is well, else a one-line description of the problem,
+    which /healthz answers with status 503. Port 0 picks a free port: read it from
+    `runner.addresses`.
+    """
+    host, port = parse_listen_address(address)
+
+    async def serve_metrics(_request: web.Request) -> web.Response:
+        body, content_type = metrics.render()
+        # aiohttp refuses a charset inside content_type, so hand the header over whole.
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def serve_health(_request: web.Request) -> web.Response:
+        try:
+            problem = await health()
+        except Exception as error:
+            # A probe that crashes is itself a problem worth reporting, not a 500 page.
+            problem = f"health check failed: {type(error).__name__}: {error}"
+        if problem is None:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text=" ".join(problem.splitlines()) + "\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    app.router.add_get("/healthz", serve_health)
+    # No access log: a scrape every few seconds is noise. A short shutdown timeout: a
+    # scrape in flight at exit is not worth holding up the daemon's stop.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    _log.info("metrics.listening", addresses=[_url_host_port(bound) for bound in runner.addresses])
+    return runner
+
+
+def _url_host_port(bound: object) -> str:
+    # runner.addresses holds socket addresses: (host, port) for IPv4, (host, port, flow, scope)
+    # for IPv6.
+    if isinstance(bound, tuple) and len(bound) >= 2:
+        host, port = str(bound[0]), bound[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(bound)
