@@ -6,7 +6,6 @@ names the setting, so the CLI can print a single clear line instead of a traceba
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import tomllib
@@ -15,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tracker.domain.addresses import parse_listen_address
+from tracker.domain.durations import parse_duration
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import PLANS
 
@@ -28,9 +29,9 @@ class SettingsError(ValueError):
 
 
 def _duration(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a positive number of seconds")
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError("must be a positive duration (e.g. 30, 0.5, 90s, 15m, 1h30m, 7d)")
     return value
 
 
@@ -83,6 +84,20 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _command(text: str) -> str:
+    import shlex
+
+    words = shlex.split(text)
+    if not words:
+        raise ValueError("needs a command")
+    return text.strip()
+
+
+def _listen_address(text: str) -> str:
+    parse_listen_address(text)
+    return text.strip()
+
+
 def _mode(text: str) -> int:
     value = int(text, 8)
     if value & 0o007:
@@ -117,6 +132,9 @@ class Settings:
     shutdown_grace: float = 20.0
     log_format: str = "json"
     log_level: str = "INFO"
+    on_final: str | None = None
+    on_final_timeout: float = 60.0
+    metrics_addr: str | None = None
 
     @property
     def poll_policy(self) -> PollPolicy:
@@ -177,6 +195,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace": _duration,
     "log_format": _choice("json", "console"),
     "log_level": _log_level,
+    "on_final": _command,
+    "on_final_timeout": _duration,
+    "metrics_addr": _listen_address,
 }
 assert set(_PARSERS) == {f.name for f in fields(Settings)}
 

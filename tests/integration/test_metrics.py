@@ -12,8 +12,9 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from tracker.domain.addresses import parse_listen_address
 from tracker.domain.states import State
-from tracker.metrics import Metrics, parse_listen_address, start_metrics_server
+from tracker.metrics import Metrics, start_metrics_server
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
