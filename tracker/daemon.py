@@ -25,13 +25,20 @@ from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
+from tracker.health import health_problem
 from tracker.listen import listen_for_new_batches
 from tracker.logs import SecretScrubber
+from tracker.metrics import Metrics, start_metrics_server
+from tracker.notify import Notifier
 from tracker.settings import Settings
 from tracker.store import Store
 from tracker.sweep import Sweeper
 
 log = structlog.get_logger("tracker.daemon")
+
+# Batch counts scan the whole table; refreshing them for every sweep would cost more than
+# they are worth. A scrape every 15 s or more is what Prometheus does anyway.
+GAUGE_REFRESH_SECONDS = 15.0
 
 
 def instance_name() -> str:
@@ -46,6 +53,7 @@ async def open_sweeper(
     scrubber: SecretScrubber,
     *,
     policy: PollPolicy | None = None,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Sweeper]:
     """A Sweeper with its HTTP clients, closed again on exit."""
     settings.require_credentials()
@@ -90,6 +98,7 @@ async def open_sweeper(
             concurrency=settings.concurrency,
             lease_seconds=settings.lease_duration,
             shutdown_grace=settings.shutdown_grace,
+            metrics=metrics,
         )
 
 
@@ -103,14 +112,20 @@ class Daemon:
         *,
         on_final: str | None = None,
         on_final_timeout: float = 60.0,
+        notifier: Notifier | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.sweeper = sweeper
+        self.notifier = notifier
+        self.metrics = metrics
         self.sweep_interval = sweep_interval
         self.on_final = on_final
         self.on_final_timeout = on_final_timeout
         self._again = False
         self._woken: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
+        self._last_tick_end: float | None = None
+        self._progress_at_ping = -1
         self.stopped = asyncio.Event()
         self.last_sweep_at: datetime | None = None
         self._current: asyncio.Task[object] | None = None
@@ -159,6 +174,7 @@ class Daemon:
             await self._run_final_hooks()
         finally:
             self._current = None
+            self._last_tick_end = asyncio.get_running_loop().time()
             self._idle.set()
 
     async def _sweep_once(self) -> bool:
@@ -181,6 +197,13 @@ class Daemon:
             log.info("sweep.recovered", after_failures=self._failures)
         self._failures = 0
         self.last_sweep_at = now
+        if self.metrics is not None:
+            self.metrics.mark_sweep(now.timestamp())
+        if self.notifier is not None:
+            self.notifier.status(
+                f"last sweep {now:%H:%M:%S} UTC: checked {report.checked}, "
+                f"transitions {report.transitions}, downloaded {report.downloaded}"
+            )
         await self._wake_when_next_due(now)
         if report.claimed or report.errors:
             log.info(
@@ -226,12 +249,53 @@ class Daemon:
         except sa.exc.SQLAlchemyError as error:
             log.error("hook.claim_failed", error=_describe(error))
 
+    async def watchdog(self) -> None:
+        """Ping systemd's watchdog only while the sweep loop really moves.
+
+        Between sweeps, ticks must keep finishing; during a long sweep, work must keep
+        progressing (claims, finished batches, download keep-alives). A wedged loop stops
+        the pings and lets systemd restart the service.
+        """
+        if self.notifier is None:
+            return
+        loop = asyncio.get_running_loop()
+        interval = self.notifier.watchdog_interval() or self.sweep_interval
+        if self._current is None:
+            recent = max(3 * self.sweep_interval, 2 * interval)
+            alive = self._last_tick_end is not None and loop.time() - self._last_tick_end < recent
+        else:
+            alive = self.sweeper.progress != self._progress_at_ping
+            self._progress_at_ping = self.sweeper.progress
+        if alive:
+            self.notifier.watchdog()
+        else:
+            log.warning("daemon.no_progress", detail="withholding the systemd watchdog ping")
+
+    async def refresh_gauges(self) -> None:
+        """Cluster-wide figures for the metrics endpoint, from the database."""
+        if self.metrics is None:
+            return
+        store = self.sweeper.store
+        try:
+            counts = await asyncio.to_thread(store.count_by_state)
+            oldest = await asyncio.to_thread(store.oldest_unfinished)
+            usage = await self.sweeper.client.throttle.usage()
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("metrics.refresh_failed", error=_describe(error))
+            return
+        self.metrics.set_batch_counts(counts)
+        self.metrics.set_quota(usage)
+        age = (datetime.now(UTC) - oldest.created_at).total_seconds() if oldest else None
+        self.metrics.set_oldest_unfinished_age(age)
+
     def request_stop(self) -> None:
         """First signal: stop claiming, let work finish. Second: cut in-flight work short."""
         self._signals += 1
         self.sweeper.stopping.set()
         self.stopped.set()
         if self._signals == 1:
+            if self.notifier is not None:
+                self.notifier.stopping()
             log.info("daemon.stopping", grace=self.sweeper.shutdown_grace)
         else:
             log.warning("daemon.stopping_now")
@@ -263,7 +327,29 @@ class Daemon:
             max_instances=1,
             coalesce=True,
         )
+        if self.notifier is not None and self.notifier.watchdog_interval() is not None:
+            scheduler.add_job(
+                self.watchdog,
+                "interval",
+                seconds=self.notifier.watchdog_interval(),
+                id="watchdog",
+                max_instances=1,
+                coalesce=True,
+            )
+        if self.metrics is not None:
+            scheduler.add_job(
+                self.refresh_gauges,
+                "interval",
+                seconds=GAUGE_REFRESH_SECONDS,
+                next_run_time=datetime.now(UTC),
+                id="gauges",
+                max_instances=1,
+                coalesce=True,
+            )
         scheduler.start()
+        if self.notifier is not None:
+            # Migrations are applied and the database answered before we got here.
+            self.notifier.ready(status="started; first sweep running")
         log.info("daemon.started", owner=self.sweeper.owner, sweep_interval=self.sweep_interval)
         try:
             await self.stopped.wait()
@@ -314,6 +400,7 @@ async def run_service(
 ) -> None:
     """Migrate, then sweep on an interval until a signal (or `until(store)` holds)."""
     engine = create_engine_for(settings.database_url)
+    notifier = Notifier()
     early_stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -322,7 +409,10 @@ async def run_service(
         if not await _until_database_answers(engine, early_stop):
             return
         store = Store(engine, final_hook=settings.on_final is not None)
-        async with open_sweeper(settings, store, scrubber, policy=policy) as sweeper:
+        metrics = Metrics() if settings.metrics_addr else None
+        async with open_sweeper(
+            settings, store, scrubber, policy=policy, metrics=metrics
+        ) as sweeper:
             await asyncio.to_thread(
                 store.register_instance,
                 sweeper.owner,
@@ -335,6 +425,8 @@ async def run_service(
                 settings.sweep_interval,
                 on_final=settings.on_final,
                 on_final_timeout=settings.on_final_timeout,
+                notifier=notifier,
+                metrics=metrics,
             )
             helpers: list[asyncio.Task[None]] = []
             if until is not None:
@@ -345,17 +437,29 @@ async def run_service(
                         listen_for_new_batches(settings.database_url, daemon.wake, daemon.stopped)
                     )
                 )
+            metrics_server = (
+                await start_metrics_server(
+                    settings.metrics_addr,
+                    metrics,
+                    lambda: asyncio.to_thread(health_problem, settings),
+                )
+                if metrics is not None and settings.metrics_addr
+                else None
+            )
             try:
                 await daemon.run()
             finally:
                 for helper in helpers:
                     helper.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
+                if metrics_server is not None:
+                    await metrics_server.cleanup()
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
                     await asyncio.to_thread(store.mark_stopped, sweeper.owner, datetime.now(UTC))
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
+        notifier.close()
         engine.dispose()
 
 

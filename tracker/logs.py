@@ -97,6 +97,8 @@ def configure_logging(
     for name in ("httpx", "httpcore", "apscheduler", "sqlalchemy.engine", "aiohttp.access"):
         logging.getLogger(name).setLevel(quiet)
     logging.getLogger("alembic").setLevel(logging.INFO if level != "DEBUG" else logging.DEBUG)
+    # Alembic announces each of its plugins at INFO on every start: noise for operators.
+    logging.getLogger("alembic.runtime.plugins").setLevel(quiet)
 
     structlog.configure(
         processors=[

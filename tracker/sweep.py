@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import structlog
@@ -39,6 +41,9 @@ from tracker.download import (
     UrlExpired,
 )
 from tracker.store import BatchWrite, Store, StoredFile
+
+if TYPE_CHECKING:
+    from tracker.metrics import Metrics
 
 log = structlog.get_logger("tracker.sweep")
 
@@ -145,6 +150,7 @@ class Sweeper:
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = utcnow,
         max_quota_wait: float = 5.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.client = client
@@ -157,6 +163,7 @@ class Sweeper:
         self.rng = rng or random.Random()
         self.clock = clock
         self.max_quota_wait = max_quota_wait
+        self.metrics = metrics
         self.stopping = asyncio.Event()
         # Grows whenever work moves (a claim, a finished batch, a download's keep-alive), so
         # the daemon can tell a long but healthy sweep from a wedged one.
@@ -274,6 +281,8 @@ class Sweeper:
             return
         self._auth_backoff = 0.0
         report.checked += 1
+        if self.metrics is not None:
+            self.metrics.observe_status(answer.outcome.value)
         decision = decide_on_answer(batch, answer, self.policy, self.clock(), self.rng)
         if answer.detail and decision.to_state is batch.state:
             bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
@@ -298,6 +307,7 @@ class Sweeper:
                 self.store.extend_lease, batch, self.lease_seconds, self.clock()
             )
 
+        started = time.monotonic()
         try:
             fetched = await self.downloader.fetch(url, batch.request_id, keep_alive=still_owner)
         except OwnershipLost:
@@ -321,6 +331,8 @@ class Sweeper:
             detail=f"saved {fetched.size} bytes, sha256 {fetched.sha256}",
         )
         stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
+        if self.metrics is not None:
+            self.metrics.observe_download(fetched.size, time.monotonic() - started)
         if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
             report.downloaded += 1
             bound.info("batch.downloaded", path=str(fetched.path), size=fetched.size)
@@ -339,6 +351,8 @@ class Sweeper:
             return False
         if write.decision.to_state is not write.batch.state:
             report.transitions += 1
+            if self.metrics is not None:
+                self.metrics.observe_transition(write.decision.to_state.value)
             bound.info(
                 "batch.transition",
                 from_state=write.batch.state.value,
