@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -38,12 +39,13 @@ if TYPE_CHECKING:
     from tracker.budget import Budget
     from tracker.domain.quota import Grant
 
-__all__ = ["AuthFailed", "DeepvueClient", "Throttle", "make_api_http_client"]
+__all__ = ["AuthFailed", "DeepvueClient", "SubmitFailed", "Throttle", "make_api_http_client"]
 
 _log = structlog.get_logger(__name__)
 
 AUTHORIZE_PATH = "/v1/authorize"
 STATUS_PATH = "/v1/verification/batch-processing-status"
+UPI_BATCH_PATH = "/v1/verification/upi-basic/batch"
 
 # Deepvue tokens live 24 hours; when the answer gives no usable expiry, assume a bit less.
 _DEFAULT_TOKEN_LIFETIME = timedelta(hours=23)
@@ -72,6 +74,10 @@ class AuthFailed(Exception):
     Service-wide, not the fault of any batch: the caller should stop polling and alert rather
     than count it against a batch. The message never contains the secret or a token.
     """
+
+
+class SubmitFailed(Exception):
+    """Deepvue did not accept an uploaded batch file; the message says why."""
 
 
 @dataclasses.dataclass
@@ -263,6 +269,50 @@ class DeepvueClient:
                 f" ({answer.api_message or 'no detail'})"
             )
         )
+
+    async def submit_upi_batch(self, batch_file: Path) -> str:
+        """Upload a UPI batch file (`POST /v1/verification/upi-basic/batch`); its request_id.
+
+        Raises SubmitFailed with Deepvue's reason, or AuthFailed if the credentials are
+        refused even after re-authorizing. The upload counts against the call budget.
+        """
+        try:
+            token = await self._get_token(rejected=None)
+        except _AuthUnavailable as exc:
+            raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
+        response = await self._submit_call(batch_file, token)
+        if response.status_code in (401, 403):
+            try:
+                token = await self._get_token(rejected=token)
+            except _AuthUnavailable as exc:
+                raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
+            response = await self._submit_call(batch_file, token)
+            if response.status_code in (401, 403):
+                raise AuthFailed(
+                    f"Deepvue refused the credentials for client_id={self._client_id}: "
+                    f"the upload answered HTTP {response.status_code}"
+                )
+        body = _json_object(self._scrub(response.text))
+        request_id = body.get("request_id") if body else None
+        if response.status_code == 200 and body and body.get("code") in (200, 201) and request_id:
+            return str(request_id)
+        detail = (body or {}).get("detail") or (body or {}).get("message") or response.text
+        raise SubmitFailed(
+            f"Deepvue did not accept the batch file (HTTP {response.status_code}): "
+            f"{trim_raw(self._scrub(str(detail)), 300)}"
+        )
+
+    async def _submit_call(self, batch_file: Path, token: _Token) -> httpx.Response:
+        await self._throttle.acquire()
+        try:
+            with batch_file.open("rb") as upload:
+                return await self._http.post(
+                    f"{self._base_url}{UPI_BATCH_PATH}",
+                    files={"batch_file": (batch_file.name, upload, "text/csv")},
+                    headers={"Authorization": f"Bearer {token.value}", "x-api-key": self._secret},
+                )
+        except httpx.RequestError as exc:
+            raise SubmitFailed(f"upload failed: {self._describe(exc)}") from None
 
     # -- status call ---------------------------------------------------------------------
 

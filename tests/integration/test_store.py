@@ -197,3 +197,31 @@ def test_timestamps_round_trip_as_utc(engine: sa.Engine) -> None:
     store.apply([BatchWrite(batch, Decision(State.PROCESSING, later, checked=True))], NOW)
     row = store.get("tz1")
     assert row is not None and row.next_check_at == later
+
+
+def test_prune_deletes_only_old_final_batches_in_chunks(engine: sa.Engine) -> None:
+    store = Store(engine)
+    for name in ("old-done", "old-failed", "new-done", "active"):
+        store.enqueue(name)
+    claimed = {batch.request_id: batch for batch in store.claim_due("w", 10, 60, NOW)}
+    finals = {"old-done": State.REJECTED, "old-failed": State.FAILED, "new-done": State.REJECTED}
+    writes = [
+        BatchWrite(claimed[name], Decision(to, None, detail="done")) for name, to in finals.items()
+    ]
+    assert store.apply(writes, NOW) == [True, True, True]
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE tracker_batches SET finished_at = :t WHERE request_id LIKE 'old-%'"),
+            {"t": (NOW - timedelta(days=30)).replace(tzinfo=None)},
+        )
+    chunks = list(store.prune(NOW - timedelta(days=7), chunk=1))
+    assert [[row.request_id for row in chunk] for chunk in chunks] == [["old-done"], ["old-failed"]]
+    assert sorted(row.request_id for row in store.list_batches()) == ["active", "new-done"]
+    with engine.begin() as connection:
+        orphans = connection.execute(
+            sa.text(
+                "SELECT count(*) FROM tracker_transitions t "
+                "WHERE NOT EXISTS (SELECT 1 FROM tracker_batches b WHERE b.id = t.batch_id)"
+            )
+        ).scalar_one()
+    assert orphans == 0

@@ -1,0 +1,101 @@
+"""Uploading a UPI batch file: the documented endpoint, form field and answer."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tracker.budget import MemoryBudget
+from tracker.deepvue import AuthFailed, DeepvueClient, SubmitFailed, Throttle
+from tracker.domain.quota import plan_windows
+
+SECRET = "s3cr3t-value"
+
+
+def make_client(handler: httpx.MockTransport) -> tuple[DeepvueClient, MemoryBudget]:
+    budget = MemoryBudget(plan_windows(10, 100, 1000))
+    client = DeepvueClient(
+        httpx.AsyncClient(transport=handler),
+        base_url="https://deepvue.test",
+        client_id="me",
+        read_secret=lambda: SECRET,
+        throttle=Throttle(budget),
+    )
+    return client, budget
+
+
+def authorize(request: httpx.Request) -> httpx.Response:
+    return httpx.Response(
+        200, json={"access_token": "tok", "token_type": "bearer", "expiry": "24hrs"}
+    )
+
+
+def test_submit_uploads_the_file_and_returns_the_request_id(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("vpa\nname@upi\n")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/authorize":
+            return authorize(request)
+        seen.append(request)
+        return httpx.Response(
+            200,
+            json={
+                "code": 201,
+                "request_id": "abc123",
+                "message": "batch processing in progress",
+                "sub_code": "SUCCESS",
+                "output_batch_file": "",
+            },
+        )
+
+    client, budget = make_client(httpx.MockTransport(handler))
+    assert asyncio.run(client.submit_upi_batch(batch)) == "abc123"
+    [upload] = seen
+    assert upload.method == "POST"
+    assert upload.url.path == "/v1/verification/upi-basic/batch"
+    assert upload.headers["x-api-key"] == SECRET
+    assert upload.headers["authorization"] == "Bearer tok"
+    body = upload.read()
+    assert b'name="batch_file"; filename="upi.csv"' in body
+    assert b"name@upi" in body
+    # The upload drew on the same call budget as status calls.
+    assert asyncio.run(budget.usage())["day"] == (1, 1000)
+
+
+def test_submit_refused_says_why_without_secrets(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("x\n")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/authorize":
+            return authorize(request)
+        return httpx.Response(422, json={"detail": f"bad file for key {SECRET}"})
+
+    client, _ = make_client(httpx.MockTransport(handler))
+    with pytest.raises(SubmitFailed) as raised:
+        asyncio.run(client.submit_upi_batch(batch))
+    assert "HTTP 422" in str(raised.value)
+    assert "bad file" in str(raised.value)
+    assert SECRET not in str(raised.value)
+
+
+def test_submit_with_refused_credentials(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("x\n")
+    authorizations = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v1/authorize":
+            authorizations.append(request)
+            return authorize(request)
+        return httpx.Response(401, json={"detail": "Could not validate credentials"})
+
+    client, _ = make_client(httpx.MockTransport(handler))
+    with pytest.raises(AuthFailed):
+        asyncio.run(client.submit_upi_batch(batch))
+    assert len(authorizations) == 2  # re-authorized once, then gave up
