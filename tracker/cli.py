@@ -39,7 +39,8 @@ def _store(settings: Settings, *, migrate: bool = False) -> Store:
     engine = create_engine_for(settings.database_url)
     if migrate:
         upgrade_database(engine)
-    return Store(engine)
+    # A batch an operator cancels here is queued for the on-final hook like any other.
+    return Store(engine, final_hook=settings.on_final is not None)
 
 
 def _now() -> Any:
@@ -105,59 +106,78 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_add(args: argparse.Namespace) -> int:
     from tracker.domain.request_ids import request_id_problem
 
+    # id -> where it came from ("ids.txt:3"), first occurrence wins: a repeated id is
+    # one batch, not an "already tracked" surprise on its second line.
+    wanted: dict[str, str | None] = dict.fromkeys(args.request_ids)
+    if args.from_file is not None:
+        try:
+            for line_id, line_origin in _request_ids_from(args.from_file):
+                wanted.setdefault(line_id, line_origin)
+        except OSError as error:
+            print(f"tracker: cannot read {args.from_file}: {error.strerror}", file=sys.stderr)
+            return EXIT_USAGE
+    if not wanted and args.from_file is None:
+        print("tracker: add: give request ids, or --from-file PATH", file=sys.stderr)
+        return EXIT_USAGE
+
     settings = _settings(args)
     _logging(settings)
     store = _store(settings, migrate=True)
-    status = EXIT_OK
-    for request_id in args.request_ids:
+    valid: list[str] = []
+    refused = 0
+    for request_id, origin in wanted.items():
         problem = request_id_problem(request_id)
-        if problem is not None:
-            print(f"refused: {problem}", file=sys.stderr)
-            status = EXIT_FAILURE
-        elif store.enqueue(request_id, label=args.label):
-            print(f"added {request_id}")
-        else:
-            print(f"already tracked {request_id}")
-    return status
+        if problem is None:
+            valid.append(request_id)
+            continue
+        where = f" ({origin})" if origin else ""
+        print(f"refused{where}: {problem}", file=sys.stderr)
+        refused += 1
+    added = known = 0
+    # One INSERT per thousand ids: a file of 100,000 ids takes seconds, not minutes.
+    for start in range(0, len(valid), 1000):
+        chunk = valid[start : start + 1000]
+        new = store.enqueue_many(chunk, label=args.label)
+        for request_id in chunk:
+            print(f"added {request_id}" if request_id in new else f"already tracked {request_id}")
+        added += len(new)
+        known += len(chunk) - len(new)
+    # On stderr, so stdout stays one line per id for scripts.
+    print(f"added {added}, already tracked {known}, refused {refused}", file=sys.stderr)
+    return EXIT_FAILURE if refused else EXIT_OK
 
 
-def _when(value: Any) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "-"
+def _request_ids_from(path: str) -> list[tuple[str, str]]:
+    """Ids in a file (or stdin for "-"), one per line; blank lines and # comments skipped.
 
-
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [
-        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
-    ]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    Undecodable bytes become U+FFFD, so such a line is refused as malformed on its own
+    instead of failing the whole file.
+    """
+    if path == "-":
+        data, name = sys.stdin.buffer.read(), "stdin"
+    else:
+        data, name = Path(path).read_bytes(), path
+    found: list[tuple[str, str]] = []
+    for number, line in enumerate(data.decode("utf-8-sig", "replace").splitlines(), start=1):
+        request_id = line.split("#", 1)[0].strip()
+        if request_id:
+            found.append((request_id, f"{name}:{number}"))
+    return found
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from tracker.views import print_batches
+
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
-    rows = store.list_batches(args.state, limit=args.limit)
-    print(
-        _table(
-            ["REQUEST_ID", "STATE", "CHECKS", "UPDATED (UTC)", "FILE / LAST ERROR"],
-            [
-                [
-                    row.request_id,
-                    row.state,
-                    str(row.checks),
-                    _when(row.updated_at),
-                    row.file_path or (row.last_error or "")[:80],
-                ]
-                for row in rows
-            ],
-        )
-    )
+    print_batches(store.list_batches(args.state, limit=args.limit), as_json=args.json)
     return EXIT_OK
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from tracker.views import print_batch
+
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
@@ -165,25 +185,29 @@ def cmd_show(args: argparse.Namespace) -> int:
     if row is None:
         print(f"not tracked: {args.request_id}", file=sys.stderr)
         return EXIT_FAILURE
-    for name, value in vars(row).items():
-        print(f"{name:18} {value if value is not None else '-'}")
-    print()
-    print(
-        _table(
-            ["AT (UTC)", "FROM", "TO", "API", "DETAIL"],
-            [
-                [
-                    _when(t.at),
-                    t.from_state,
-                    t.to_state,
-                    str(t.api_status) if t.api_status is not None else "-",
-                    (t.detail or t.api_message or "")[:100],
-                ]
-                for t in store.history(row.id)
-            ],
-        )
-    )
+    print_batch(row, store.history(row.id), as_json=args.json)
     return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from tracker.views import collect_status, print_status
+
+    settings = _settings(args)
+    _logging(settings)
+    store = _store(settings)
+    print_status(collect_status(store, settings), as_json=args.json)
+    return EXIT_OK
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    from tracker.views import watch_batches
+
+    settings = _settings(args)
+    _logging(settings)
+    store = _store(settings)
+    return watch_batches(
+        store, interval=args.interval, label=args.label, until_done=args.until_done
+    )
 
 
 def _operator(args: argparse.Namespace, verb: str) -> int:
@@ -211,6 +235,65 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     return _operator(args, "cancel")
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime, timedelta
+
+    settings = _settings(args)
+    _logging(settings)
+    store = _store(settings)
+    cutoff = datetime.now(UTC) - timedelta(seconds=args.older_than)
+    output_dir = settings.output_dir.resolve()
+    batches = files = missing = 0
+    for chunk in store.prune(cutoff, chunk=args.chunk):
+        batches += len(chunk)
+        if not args.files:
+            continue
+        for row in chunk:
+            if not row.file_path:
+                continue
+            path = Path(row.file_path)
+            # Only ever delete inside the output directory, whatever the row says.
+            if path.resolve().parent != output_dir:
+                print(f"kept {path}: not in {output_dir}", file=sys.stderr)
+                continue
+            try:
+                path.unlink()
+                files += 1
+            except FileNotFoundError:
+                missing += 1
+    note = f", {files} files deleted ({missing} already gone)" if args.files else ""
+    print(f"pruned {batches} final batches finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC{note}")
+    return EXIT_OK
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tracker.daemon import open_sweeper
+    from tracker.deepvue import AuthFailed, SubmitFailed
+
+    settings = _settings(args)
+    settings.require_credentials()
+    scrubber = _logging(settings)
+    if not args.file.is_file():
+        print(f"tracker: submit: no such file: {args.file}", file=sys.stderr)
+        return EXIT_USAGE
+    store = _store(settings, migrate=True)
+
+    async def upload() -> str:
+        async with open_sweeper(settings, store, scrubber) as sweeper:
+            return await sweeper.client.submit_upi_batch(args.file)
+
+    try:
+        request_id = asyncio.run(upload())
+    except (SubmitFailed, AuthFailed) as error:
+        print(f"tracker: submit failed: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    store.enqueue(request_id, label=args.label)
+    print(f"submitted {args.file.name} as {request_id}; tracking it")
+    return EXIT_OK
 
 
 def cmd_fake_api(args: argparse.Namespace) -> int:
@@ -290,21 +373,97 @@ def build_parser() -> argparse.ArgumentParser:
         "recently; else exit 1 with one line saying what is wrong",
     )
     add = command(
-        "add", cmd_add, "start tracking request ids (already tracked ones are reported, not errors)"
+        "add",
+        cmd_add,
+        "start tracking request ids given as arguments and/or one per line in a file "
+        "(already tracked ones are reported, not errors; malformed ones are refused, exit 1)",
     )
-    add.add_argument("request_ids", nargs="+", metavar="ID")
+    add.add_argument("request_ids", nargs="*", metavar="ID")
+    add.add_argument(
+        "--from-file",
+        metavar="PATH",
+        help="also read ids from PATH ('-' for stdin): one per line, blank lines and # comments ignored",
+    )
     add.add_argument("--label", help="free text stored with the batch for the producer")
     listing = command("list", cmd_list, "list tracked batches")
     listing.add_argument("--state", type=_state_arg, help="only batches in this state")
     listing.add_argument("--limit", type=int, default=None, help="at most this many rows")
+    listing.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON array of batches with every column (timestamps ISO-8601 UTC)",
+    )
     show = command("show", cmd_show, "show one batch and its transitions")
     show.add_argument("request_id", metavar="ID")
+    show.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON object: every column of the batch plus a 'transitions' array",
+    )
+    status = command(
+        "status",
+        cmd_status,
+        "one screen: batches per state, call budget used and left, the oldest unfinished "
+        "batch, the last sweep, recent errors",
+    )
+    status.add_argument("--json", action="store_true", help="print the same as a JSON object")
+    watch = command(
+        "watch",
+        cmd_watch,
+        "a live view of batches per state, progress and recent transitions; "
+        "Ctrl-C or SIGTERM quits (exit 0)",
+    )
+    watch.add_argument(
+        "--interval",
+        type=_duration_arg,
+        default=2.0,
+        metavar="DURATION",
+        help="refresh every DURATION: seconds or with units, e.g. 0.5, 2, 10s, 1m (default 2)",
+    )
+    watch.add_argument(
+        "--label", help="only batches with this label (progress and transitions alike)"
+    )
+    watch.add_argument(
+        "--until-done",
+        action="store_true",
+        help="exit 0 as soon as no batch (with --label: no such batch) is unfinished",
+    )
     retry = command(
         "retry", cmd_retry, "put a finished batch back to pending (recorded as a transition)"
     )
     retry.add_argument("request_id", metavar="ID")
     cancel = command("cancel", cmd_cancel, "stop tracking an unfinished batch")
     cancel.add_argument("request_id", metavar="ID")
+
+    prune = command(
+        "prune",
+        cmd_prune,
+        "delete final batches (and their transitions) finished longer ago than --older-than, "
+        "in small chunks that never block the daemon",
+    )
+    prune.add_argument(
+        "--older-than",
+        type=_duration_arg,
+        required=True,
+        metavar="DURATION",
+        help="age of the batches to delete, e.g. 30d, 12h, 90m (a bare number is seconds)",
+    )
+    prune.add_argument(
+        "--files",
+        action="store_true",
+        help="also delete their output files (only inside the output dir)",
+    )
+    prune.add_argument(
+        "--chunk", type=int, default=500, help="batches per transaction (default 500)"
+    )
+    submit = command(
+        "submit",
+        cmd_submit,
+        "upload a UPI batch file to Deepvue (/v1/verification/upi-basic/batch) and track the "
+        "request_id it returns",
+    )
+    submit.add_argument("file", type=Path, metavar="FILE")
+    submit.add_argument("--label", help="free text stored with the batch")
 
     fake = command("fake-api", cmd_fake_api, "serve the bundled Deepvue simulator on loopback")
     fake.add_argument(
@@ -342,6 +501,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--clean", action="store_true", help="remove the temp directory afterwards")
     return parser
+
+
+def _duration_arg(text: str) -> float:
+    from tracker.domain.durations import parse_duration
+
+    try:
+        seconds = parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: {error}") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: must be positive")
+    return seconds
 
 
 def _state_arg(text: str) -> Any:

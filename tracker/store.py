@@ -109,6 +109,20 @@ class Store:
         with self.engine.begin() as connection:
             return connection.execute(statement).first() is not None
 
+    def enqueue_many(self, request_ids: Sequence[str], label: str | None = None) -> set[str]:
+        """Track many ids in one statement; the ids that were new."""
+        if not request_ids:
+            return set()
+        insert = postgresql.insert if self._dialect == "postgresql" else sqlite.insert
+        statement = (
+            insert(batches)
+            .values([{"request_id": request_id, "label": label} for request_id in request_ids])
+            .on_conflict_do_nothing(index_elements=["request_id"])
+            .returning(batches.c.request_id)
+        )
+        with self.engine.begin() as connection:
+            return set(connection.execute(statement).scalars())
+
     def get(self, request_id: str) -> BatchRow | None:
         with self.engine.begin() as connection:
             row = connection.execute(
@@ -134,8 +148,10 @@ class Store:
         with self.engine.begin() as connection:
             return [TransitionRow(**row._mapping) for row in connection.execute(query)]
 
-    def count_by_state(self) -> dict[str, int]:
+    def count_by_state(self, label: str | None = None) -> dict[str, int]:
         query = sa.select(batches.c.state, sa.func.count()).group_by(batches.c.state)
+        if label is not None:
+            query = query.where(batches.c.label == label)
         with self.engine.begin() as connection:
             return {state: count for state, count in connection.execute(query)}
 
@@ -145,6 +161,16 @@ class Store:
         with self.engine.begin() as connection:
             due: datetime | None = connection.execute(query).scalar_one_or_none()
         return due
+
+    def recent_transitions(self, limit: int, label: str | None = None) -> list[TransitionRow]:
+        """The latest transitions, newest first (ids grow with every write)."""
+        query = sa.select(transitions).order_by(transitions.c.id.desc()).limit(limit)
+        if label is not None:
+            query = query.join(batches, batches.c.id == transitions.c.batch_id).where(
+                batches.c.label == label
+            )
+        with self.engine.begin() as connection:
+            return [TransitionRow(**row._mapping) for row in connection.execute(query)]
 
     def oldest_unfinished(self) -> BatchRow | None:
         query = (

@@ -198,3 +198,58 @@ def test_check_reports_health(
     stopped = tracker(env, "check")
     assert stopped.returncode == 1
     assert "has completed a sweep" in stopped.stderr
+
+
+def test_prune_removes_exactly_what_it_should(
+    e2e_database_url: str, tmp_path: Path, fake_api: Callable[..., FakeApi]
+) -> None:
+    import sqlalchemy as sa
+
+    from tracker.db import create_engine_for
+
+    api = fake_api("--completion-delay", "0")
+    output_dir = tmp_path / "out"
+    env = tracker_env(e2e_database_url, api.url, output_dir)
+    assert tracker(env, "db", "upgrade").returncode == 0
+    old, recent, active = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    raw_insert(e2e_database_url, [old, recent])
+    assert tracker(env, "sweep").returncode == 0
+    raw_insert(e2e_database_url, [active])
+    assert states(e2e_database_url) == {old: "downloaded", recent: "downloaded", active: "pending"}
+    engine = create_engine_for(e2e_database_url)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "UPDATE tracker_batches SET finished_at = '2020-01-01 00:00:00' WHERE request_id = :r"
+            ),
+            {"r": old},
+        )
+    engine.dispose()
+    stray = tmp_path / "elsewhere.csv"
+    stray.write_text("not ours")
+
+    result = tracker(env, "prune", "--older-than", "30d", "--files", "--chunk", "1")
+    assert result.returncode == 0, result.stderr
+    assert "pruned 1 final batches" in result.stdout
+    assert states(e2e_database_url) == {recent: "downloaded", active: "pending"}
+    assert sorted(p.name for p in output_dir.iterdir()) == [f"{recent}.csv"]
+    assert stray.exists()
+    assert tracker(env, "prune", "--older-than", "soon").returncode == 2
+
+
+def test_submit_uploads_and_tracks(
+    e2e_database_url: str, tmp_path: Path, fake_api: Callable[..., FakeApi]
+) -> None:
+    api = fake_api("--completion-delay", "0")
+    env = tracker_env(e2e_database_url, api.url, tmp_path / "out")
+    batch_file = tmp_path / "upi.csv"
+    batch_file.write_text("vpa,name\nsomeone@upi,Someone\n")
+    result = tracker(env, "submit", str(batch_file), "--label", "payroll")
+    assert result.returncode == 0, result.stderr
+    request_id = result.stdout.split(" as ")[1].split(";")[0]
+    assert api.stats()["submissions"] == 1
+    assert states(e2e_database_url) == {request_id: "pending"}
+    assert tracker(env, "sweep").returncode == 0
+    assert states(e2e_database_url) == {request_id: "downloaded"}
+    missing = tracker(env, "submit", str(tmp_path / "nope.csv"))
+    assert missing.returncode == 2
