@@ -528,6 +528,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from sqlalchemy.exc import OperationalError
 
+    from tracker.db import describe_db_error
     from tracker.settings import SettingsError
 
     try:
@@ -536,7 +537,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tracker: configuration error: {error}", file=sys.stderr)
         return EXIT_USAGE
     except OperationalError as error:
-        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        reason = describe_db_error(error, with_type=False)
         print(f"tracker: database unreachable: {reason}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 import structlog
 
 from tracker.budget import DatabaseBudget
-from tracker.db import create_engine_for, upgrade_database
+from tracker.db import create_engine_for, describe_db_error, upgrade_database
 from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import plan_windows
@@ -191,7 +191,7 @@ class Daemon:
             self._failures += 1
             backoff = min(60.0, self.sweep_interval * 2 ** min(self._failures, 10))
             self._next_try = loop.time() + backoff
-            log.error("sweep.failed", error=_describe(error), retry_in=round(backoff, 1))
+            log.error("sweep.failed", error=describe_db_error(error), retry_in=round(backoff, 1))
             return False
         if self._failures:
             log.info("sweep.recovered", after_failures=self._failures)
@@ -247,7 +247,7 @@ class Daemon:
                     *(run_final_hook(self.on_final, b, self.on_final_timeout) for b in batches)
                 )
         except sa.exc.SQLAlchemyError as error:
-            log.error("hook.claim_failed", error=_describe(error))
+            log.error("hook.claim_failed", error=describe_db_error(error))
 
     async def watchdog(self) -> None:
         """Ping systemd's watchdog only while the sweep loop really moves.
@@ -281,7 +281,7 @@ class Daemon:
             oldest = await asyncio.to_thread(store.oldest_unfinished)
             usage = await self.sweeper.client.throttle.usage()
         except sa.exc.SQLAlchemyError as error:
-            log.warning("metrics.refresh_failed", error=_describe(error))
+            log.warning("metrics.refresh_failed", error=describe_db_error(error))
             return
         self.metrics.set_batch_counts(counts)
         self.metrics.set_quota(usage)
@@ -366,12 +366,6 @@ class Daemon:
         log.info("daemon.stopped")
 
 
-def _describe(error: BaseException) -> str:
-    original = getattr(error, "orig", None) or error
-    lines = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {lines[0] if lines else ''}"
-
-
 async def _until_database_answers(engine: sa.Engine, stop: asyncio.Event) -> bool:
     """Apply migrations, retrying with backoff while the database is unreachable.
 
@@ -383,7 +377,7 @@ async def _until_database_answers(engine: sa.Engine, stop: asyncio.Event) -> boo
             await asyncio.to_thread(upgrade_database, engine)
             return True
         except sa.exc.OperationalError as error:
-            log.error("db.unreachable", error=_describe(error), retry_in=delay)
+            log.error("db.unreachable", error=describe_db_error(error), retry_in=delay)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), delay)
         if stop.is_set():

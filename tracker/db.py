@@ -46,6 +46,14 @@ def create_engine_for(url: str, **options: Any) -> sa.Engine:
     return sa.create_engine(url, **options)
 
 
+def describe_db_error(error: BaseException, *, with_type: bool = True) -> str:
+    """The first line of the driver's own message: enough for a log line, no SQL dump."""
+    original = getattr(error, "orig", None) or error
+    lines = str(original).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(original).__name__}: {first}" if with_type else first
+
+
 def migration_lock(connection: sa.Connection) -> None:
     """Serialise concurrent migrators; held until the migration transaction ends.
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 
 import sqlalchemy as sa
 
-from tracker.db import create_engine_for, pending_migrations
+from tracker.db import create_engine_for, describe_db_error, pending_migrations
 from tracker.settings import Settings
 from tracker.store import Store
 
@@ -36,7 +36,7 @@ def health_problem(
             )
         last = Store(engine).last_sweep(host)
     except sa.exc.OperationalError as error:
-        reason = str(error.orig).strip().splitlines()[0] if error.orig else str(error)
+        reason = describe_db_error(error, with_type=False)
         return f"database unreachable: {reason}"
     finally:
         engine.dispose()

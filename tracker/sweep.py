@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import sqlalchemy as sa
 import structlog
 
+from tracker.db import describe_db_error
 from tracker.deepvue import AuthFailed, DeepvueClient
 from tracker.domain.policy import (
     Decision,
@@ -117,7 +118,10 @@ class GroupCommit:
                 if loop.time() + delay > give_up_at:
                     raise
                 log.warning(
-                    "db.unreachable", retry_in=delay, writes=len(writes), error=_first_line(error)
+                    "db.unreachable",
+                    retry_in=delay,
+                    writes=len(writes),
+                    error=describe_db_error(error),
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -223,7 +227,7 @@ class Sweeper:
                     report.errors += 1
                     if isinstance(error, sa.exc.DBAPIError):
                         # The batch's lease expires and it is looked at again later.
-                        log.error("db.write_failed", error=_first_line(error))
+                        log.error("db.write_failed", error=describe_db_error(error))
                     else:
                         log.error("sweep.worker_crashed", exc_info=error)
         finally:
@@ -381,9 +385,3 @@ def _download_problem(error: DownloadError) -> DownloadProblem:
     if isinstance(error, OutputUnwritable):
         return DownloadProblem.UNWRITABLE
     return DownloadProblem.INTERRUPTED
-
-
-def _first_line(error: BaseException) -> str:
-    original = getattr(error, "orig", None) or error
-    text = str(original).strip().splitlines()
-    return f"{type(original).__name__}: {text[0] if text else ''}"

@@ -32,6 +32,7 @@ from rich.table import Table
 from rich.text import Text
 
 from tracker.budget import DatabaseBudget
+from tracker.db import describe_db_error
 from tracker.domain.durations import format_duration
 from tracker.domain.quota import plan_windows
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State
@@ -537,7 +538,7 @@ def watch_batches(
                     snapshot = take_snapshot(store, label, recent)
                     problem = None
                 except sa.exc.OperationalError as error:
-                    problem = f"database unreachable, retrying: {_first_line(error)}"
+                    problem = f"database unreachable, retrying: {describe_db_error(error, with_type=False)}"
                 live.update(
                     watch_view(snapshot, label=label, interval=interval, problem=problem),
                     refresh=True,
@@ -566,7 +567,7 @@ def _watch_piped(
             snapshot = take_snapshot(store, label, recent=0)
         except sa.exc.OperationalError as error:
             if not outage:
-                say(f"database unreachable, retrying: {_first_line(error)}")
+                say(f"database unreachable, retrying: {describe_db_error(error, with_type=False)}")
             outage = True
             continue
         if snapshot.counts != shown or outage:
@@ -574,7 +575,3 @@ def _watch_piped(
             shown = snapshot.counts
         outage = False
     return 0
-
-
-def _first_line(error: sa.exc.OperationalError) -> str:
-    return str(error.orig).strip().splitlines()[0] if error.orig else str(error)

@@ -126,6 +126,24 @@ def run_daemon(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Daemon]]:
             daemon.process.wait(timeout=10)
 
 
+def run_tracker(
+    env: dict[str, str], *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One `tracker` command, as an operator runs it."""
+    return subprocess.run(
+        [*TRACKER, *args], env=env, capture_output=True, text=True, timeout=120, input=stdin
+    )
+
+
+def plain_env(database_url: str, **extra: str) -> dict[str, str]:
+    """Just enough environment for the commands that need no API."""
+    return {
+        "PATH": os.environ.get("PATH", ""),
+        "TRACKER_DATABASE_URL": database_url,
+        "TRACKER_LOG_FORMAT": "json",
+    } | extra
+
+
 def raw_insert(database_url: str, request_ids: list[str]) -> None:
     """Enqueue exactly as another application would: a bare INSERT."""
     engine = create_engine_for(database_url)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -12,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TRACKER, Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.e2e.conftest import (
+    TRACKER,
+    Daemon,
+    FakeApi,
+    plain_env,
+    raw_insert,
+    states,
+    tracker_env,
+    wait_until,
+)
+from tests.e2e.conftest import run_tracker as tracker
 
 pytestmark = pytest.mark.e2e
 
@@ -21,6 +30,10 @@ COMMANDS = [
     "run",
     "sweep",
     "check",
+    "status",
+    "watch",
+    "prune",
+    "submit",
     "add",
     "list",
     "show",
@@ -29,22 +42,6 @@ COMMANDS = [
     "fake-api",
     "demo",
 ]
-
-
-def tracker(
-    env: dict[str, str], *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TRACKER, *args], env=env, capture_output=True, text=True, timeout=120, input=stdin
-    )
-
-
-def plain_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TRACKER_DATABASE_URL": database_url,
-        "TRACKER_LOG_FORMAT": "json",
-    } | extra
 
 
 @pytest.mark.parametrize("command", ["", *COMMANDS, "db upgrade"])

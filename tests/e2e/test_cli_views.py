@@ -25,10 +25,14 @@ from tests.e2e.conftest import (
     TRACKER,
     FakeApi,
     migrate,
+    plain_env,
     raw_insert,
     states,
     tracker_env,
     wait_until,
+)
+from tests.e2e.conftest import (
+    run_tracker as run,
 )
 from tracker.db import create_engine_for
 from tracker.schema import batches, instances, quota_usage
@@ -36,22 +40,6 @@ from tracker.schema import batches, instances, quota_usage
 pytestmark = pytest.mark.e2e
 
 ANSI_ESCAPE = re.compile(r"\x1b\[")
-
-
-def run(
-    env: dict[str, str], *args: str, stdin: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*TRACKER, *args], env=env, capture_output=True, text=True, timeout=120, input=stdin
-    )
-
-
-def plain_env(database_url: str, **extra: str) -> dict[str, str]:
-    return {
-        "PATH": os.environ.get("PATH", ""),
-        "TRACKER_DATABASE_URL": database_url,
-        "TRACKER_LOG_FORMAT": "json",
-    } | extra
 
 
 def update(database_url: str, request_id: str, **values: Any) -> None:
