@@ -108,6 +108,9 @@ def make_download_http_client(
     # Deliberately no `headers=`: this client talks to S3 (or wherever a redirect
     # points), and Deepvue credentials must never travel there. Redirects are off so
     # that Downloader can check every hop against the allow-list before connecting.
+    # httpx's own transport (httpcore) on purpose, unlike the API client: the aiohttp
+    # transport hands the URL to yarl as text, which re-encodes it (%2F in a query becomes
+    # /) and so can break presigned S3 signatures, a failure no local test would show.
     return httpx.AsyncClient(timeout=timeout, follow_redirects=False, transport=transport)
 
 

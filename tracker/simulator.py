@@ -30,6 +30,22 @@ prefix         behaviour of ``GET /v1/verification/batch-processing-status``
 ``xlsx-``      the output URL path ends in ``.xlsx`` instead of ``.csv``.
 ``big-``       the output file is ``big_file_size`` bytes instead of ``file_size``.
 ``ratelimit-`` every status call answers 429 with ``Retry-After: 1``.
+``trickle-``   default, but the output file is sent at about 2 KiB/s (256-byte chunks with
+               a pause between them): exercises the tracker's overall download deadline.
+``stall-``     default, but the output file response sends its headers and first 1 KiB,
+               then no byte for an hour (the wait ends early on server shutdown or when
+               the client goes away).
+``badurl-``    default, but the completed answer carries a URL the tracker must refuse
+               before connecting. The simulator never fetches any of these itself:
+``badurl-http-``      ``http://bulk-data-processing.s3.ap-south-1.amazonaws.com/...``
+                      (plain http to a non-loopback host).
+``badurl-file-``      ``file:///etc/passwd``.
+``badurl-userinfo-``  the simulator's own signed URL with ``user:pass@`` before the host.
+``badurl-host-``      ``https://evil.example.com/...``.
+``badurl-metadata-``  ``http://169.254.169.254/latest/meta-data/``.
+``badurl-redirect-``  the simulator's own signed file URL, which answers 302 to
+                      ``http://169.254.169.254/latest/meta-data/`` (recorded in
+                      ``downloads`` with status 302 and counted in ``redirects_served``).
 =============  ==========================================================================
 
 Order of checks for a status call: ``latency`` sleep, auth (401/403), missing
@@ -42,7 +58,8 @@ single-range ``Range`` support and ``If-Range``. Test hooks: ``GET /_sim/stats``
 ``POST /_sim/reset``. In the stats, ``status_calls`` counts every authenticated status call
 that named a request_id (429 and 503 answers included); ``rate_limited`` counts 429s (limits
 and the ``ratelimit-`` prefix); ``errors_served`` counts injected faults (``error_rate`` and
-``flaky-`` 503s, ``garbage-`` HTML); ``downloads`` keeps the newest 10,000 requests.
+``flaky-`` 503s, ``garbage-`` HTML); ``redirects_served`` counts ``badurl-redirect-`` 302s;
+``downloads`` keeps the newest 10,000 requests.
 """
 
 from __future__ import annotations
@@ -117,6 +134,13 @@ _BLOCK_DIGITS: Final = 8
 _HEADER: Final = b"row_id,vpa,name_at_bank,status,match_score,reference\n"
 # One column of identical digits per value: rewriting a block's row ids then costs a few
 # strided memcpy calls instead of formatting 512 rows in Python.
+# Where every hostile output URL below points: cloud metadata, the classic SSRF target.
+METADATA_URL: Final = "http://169.254.169.254/latest/meta-data/"
+TRICKLE_CHUNK: Final = 256
+# 256 bytes every 0.125 s is about 2 KiB/s.
+TRICKLE_PAUSE: Final = 0.125
+STALL_AFTER: Final = 1024
+STALL_SECONDS: Final = 3600.0
 _DIGIT_COLUMNS: Final = tuple(bytes([0x30 + d]) * _ROWS_PER_BLOCK for d in range(10))
 _HANDLES: Final = ("asha", "ravi", "meera", "arjun", "kavya", "rohan", "divya", "vikram")
 _BANKS: Final = ("okaxis", "oksbi", "okhdfcbank", "okicici", "ybl", "paytm", "ibl", "upi")
@@ -298,6 +322,8 @@ class _Simulator:
         self._key = secrets.token_bytes(32)
         # Separate stream so submissions never shift the error_rate sequence for a seed.
         self._id_rng = random.Random(f"{config.seed}:request-ids")
+        # Set on shutdown so `stall-` responses end instead of holding the server for an hour.
+        self.stopping = asyncio.Event()
         self.reset()
 
     def reset(self) -> None:
@@ -321,6 +347,7 @@ class _Simulator:
         self.errors_served = 0
         self.downloads: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDED_DOWNLOADS)
         self.submissions = 0
+        self.redirects_served = 0
 
     def snapshot(self) -> dict[str, Any]:
         stats = {
@@ -331,6 +358,7 @@ class _Simulator:
             "errors_served": self.errors_served,
             "downloads": list(self.downloads),
             "submissions": self.submissions,
+            "redirects_served": self.redirects_served,
         }
         # A deep, JSON-identical copy: callers on other threads must not see later mutation.
         result: dict[str, Any] = json.loads(json.dumps(stats))
@@ -409,10 +437,23 @@ class _Simulator:
             issued -= expires + 60
         date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(issued))
         signature = self._url_signature(name, date, str(expires))
-        return (
-            f"{self._base_url(request)}{OUTPUT_DIR}{quote(name, safe='')}"
+        path_and_query = (
+            f"{OUTPUT_DIR}{quote(name, safe='')}"
             f"?X-Amz-Expires={expires}&X-Amz-Date={date}&X-Amz-Signature={signature}"
         )
+        base_url = self._base_url(request)
+        if request_id.startswith("badurl-http-"):
+            return f"http://bulk-data-processing.s3.ap-south-1.amazonaws.com{path_and_query}"
+        if request_id.startswith("badurl-file-"):
+            return "file:///etc/passwd"
+        if request_id.startswith("badurl-userinfo-"):
+            scheme, _, host = base_url.partition("://")
+            return f"{scheme}://user:pass@{host}{path_and_query}"
+        if request_id.startswith("badurl-host-"):
+            return f"https://evil.example.com{path_and_query}"
+        if request_id.startswith("badurl-metadata-"):
+            return METADATA_URL
+        return f"{base_url}{path_and_query}"
 
     # ----------------------------------------------------------------------- handlers
 
@@ -583,6 +624,11 @@ class _Simulator:
         if not dot or ext not in ("csv", "xlsx"):
             record["status"] = 404
             return _s3_error(404, "NoSuchKey", "The specified key does not exist.")
+        if request_id.startswith("badurl-redirect-"):
+            self.redirects_served += 1
+            record["status"] = 302
+            record["location"] = METADATA_URL
+            return web.Response(status=302, headers={"Location": METADATA_URL})
 
         size = expected_size(request_id, self.config)
         etag = _etag(request_id, size)
@@ -625,8 +671,14 @@ class _Simulator:
         if request.method == "HEAD":
             return response
         stop = first + (cut if cut is not None else length)
-        for chunk in _iter_content(request_id, stop, first):
-            await response.write(chunk)
+        if request_id.startswith("trickle-"):
+            await self._trickle(response, request_id, first, stop)
+        elif request_id.startswith("stall-"):
+            await self._stall(request, response, request_id, first, stop)
+            return response
+        else:
+            for chunk in _iter_content(request_id, stop, first):
+                await response.write(chunk)
         if cut is not None:
             # Closing the socket mid-body is what a reset S3 connection looks like: the client
             # gets a short read against Content-Length and must resume with Range.
@@ -635,6 +687,40 @@ class _Simulator:
             return response
         await response.write_eof()
         return response
+
+    async def _trickle(
+        self, response: web.StreamResponse, request_id: str, first: int, stop: int
+    ) -> None:
+        pending = b"".join(_iter_content(request_id, stop, first))
+        for offset in range(0, len(pending), TRICKLE_CHUNK):
+            if offset:
+                await asyncio.sleep(TRICKLE_PAUSE)
+            await response.write(pending[offset : offset + TRICKLE_CHUNK])
+
+    async def _stall(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        request_id: str,
+        first: int,
+        stop: int,
+    ) -> None:
+        head = b"".join(_iter_content(request_id, min(stop, first + STALL_AFTER), first))
+        await response.write(head)
+        deadline = time.monotonic() + STALL_SECONDS
+        # Poll for a gone client too: aiohttp does not cancel handlers on disconnect, and a
+        # long-running fake-api must not pile up hour-long stalled handlers.
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                return
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=0.5)
+            except TimeoutError:
+                continue
+        # Never complete the body: the client sees a short read against Content-Length.
+        if request.transport is not None:
+            request.transport.close()
 
     async def stats(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(self.snapshot())
@@ -651,6 +737,11 @@ def build_app(config: SimulatorConfig) -> web.Application:
     simulator = _Simulator(config)
     app = web.Application()
     app[_SIMULATOR_KEY] = simulator
+
+    async def stop_stalls(app: web.Application) -> None:
+        simulator.stopping.set()
+
+    app.on_shutdown.append(stop_stalls)
     app.router.add_post("/v1/authorize", simulator.authorize)
     app.router.add_get("/v1/verification/batch-processing-status", simulator.status)
     app.router.add_post("/v1/verification/upi-basic/batch", simulator.submit)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -47,7 +48,11 @@ def client(sim: SimulatorHandle) -> Iterator[httpx.Client]:
 
 
 def auth_headers(client: httpx.Client) -> dict[str, str]:
-    response = client.post("/v1/authorize", data=CREDS)
+    return auth_headers_at(client, "")
+
+
+def auth_headers_at(client: httpx.Client, base_url: str) -> dict[str, str]:
+    response = client.post(base_url + "/v1/authorize", data=CREDS)
     assert response.status_code == 200
     return {
         "Authorization": f"Bearer {response.json()['access_token']}",
@@ -516,3 +521,151 @@ def test_serve_forever_announces_and_stops_on_sigterm() -> None:
             proc.wait()
     assert proc.returncode == 0, stderr
     assert stderr == ""
+
+
+# --------------------------------------------------------------------------- hostile prefixes
+
+
+def test_trickle_prefix_sends_about_two_kib_per_second(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "trickle-1")
+    started = time.monotonic()
+    chunks: list[bytes] = []
+    with client.stream("GET", url) as response:
+        assert response.status_code == 200
+        for chunk in response.iter_bytes():
+            chunks.append(chunk)
+            if sum(map(len, chunks)) >= 2048:
+                break
+    elapsed = time.monotonic() - started
+    received = b"".join(chunks)
+    # 2 KiB in 256-byte chunks is 7 pauses of 0.125 s: at least 0.875 s, not instant.
+    assert elapsed >= 0.8
+    assert received == b"".join(output_bytes("trickle-1", 200_000))[: len(received)]
+
+
+def test_trickle_prefix_body_is_complete_and_correct() -> None:
+    config = SimulatorConfig(completion_delay=0, file_size=1024)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        url = completed_url(client, auth_headers(client), "trickle-2")
+        started = time.monotonic()
+        response = client.get(url)
+        elapsed = time.monotonic() - started
+    assert response.status_code == 200
+    assert hashlib.sha256(response.content).hexdigest() == expected_sha256("trickle-2", 1024)
+    # 4 chunks, 3 pauses.
+    assert 0.3 <= elapsed < 3
+
+
+def test_stall_prefix_sends_one_kib_then_nothing(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "stall-1")
+    received = bytearray()
+    timeout = httpx.Timeout(10, read=1.0)
+
+    def read_into_received() -> None:
+        with client.stream("GET", url, timeout=timeout) as response:
+            assert response.status_code == 200
+            assert response.headers["content-length"] == "200000"
+            for chunk in response.iter_bytes():
+                received.extend(chunk)
+
+    with pytest.raises(httpx.ReadTimeout):
+        read_into_received()
+    assert bytes(received) == b"".join(output_bytes("stall-1", 200_000))[:1024]
+
+
+def test_stall_prefix_ends_promptly_on_shutdown() -> None:
+    config = SimulatorConfig(completion_delay=0)
+    received = bytearray()
+    with ExitStack() as server, httpx.Client(timeout=httpx.Timeout(10, read=20)) as client:
+        sim = server.enter_context(running_simulator(config))
+        headers = auth_headers_at(client, sim.base_url)
+        url = ""
+        for _ in range(50):
+            answer = client.get(
+                sim.base_url + STATUS_PATH, params={"request_id": "stall-2"}, headers=headers
+            )
+            url = answer.json()["data"]["batch_output_file_url"] or ""
+            if url:
+                break
+            time.sleep(0.02)
+        with client.stream("GET", url) as response:
+            raw = response.iter_raw()
+            while len(received) < 1024:
+                received.extend(next(raw))
+            started = time.monotonic()
+            server.close()
+            shutdown_seconds = time.monotonic() - started
+            with pytest.raises(httpx.RemoteProtocolError):
+                received.extend(b"".join(raw))
+    assert len(received) == 1024
+    # aiohttp waits up to 2 s for handlers on shutdown: a stall that ignored it would hit that.
+    assert shutdown_seconds < 1.5
+
+
+def test_badurl_prefixes_complete_with_hostile_urls(
+    client: httpx.Client, sim: SimulatorHandle
+) -> None:
+    headers = auth_headers(client)
+    host = urlsplit(sim.base_url).netloc
+    urls = {
+        prefix: completed_url(client, headers, f"{prefix}1")
+        for prefix in (
+            "badurl-http-",
+            "badurl-file-",
+            "badurl-userinfo-",
+            "badurl-host-",
+            "badurl-metadata-",
+            "badurl-redirect-",
+        )
+    }
+    http = urlsplit(urls["badurl-http-"])
+    assert (http.scheme, http.netloc) == (
+        "http",
+        "bulk-data-processing.s3.ap-south-1.amazonaws.com",
+    )
+    assert http.path == "/upi-basic-batch-output-files/badurl-http-1.csv"
+    assert urls["badurl-file-"] == "file:///etc/passwd"
+    userinfo = urlsplit(urls["badurl-userinfo-"])
+    assert (userinfo.username, userinfo.password) == ("user", "pass")
+    assert userinfo.netloc == f"user:pass@{host}"
+    evil = urlsplit(urls["badurl-host-"])
+    assert (evil.scheme, evil.hostname) == ("https", "evil.example.com")
+    assert urls["badurl-metadata-"] == "http://169.254.169.254/latest/meta-data/"
+    redirect = urlsplit(urls["badurl-redirect-"])
+    assert redirect.netloc == host
+    assert redirect.path == "/upi-basic-batch-output-files/badurl-redirect-1.csv"
+    # Handing out the URLs fetched nothing: the simulator never follows them itself.
+    assert sim.stats()["downloads"] == []
+
+
+def test_badurl_prefixes_stay_in_progress_until_the_delay(client: httpx.Client) -> None:
+    data = status(client, auth_headers(client), "badurl-metadata-2").json()["data"]
+    assert (data["status"], data["batch_output_file_url"]) == (201, None)
+
+
+def test_badurl_redirect_answers_302_to_metadata_and_records_it(
+    client: httpx.Client, sim: SimulatorHandle
+) -> None:
+    url = completed_url(client, auth_headers(client), "badurl-redirect-2")
+    response = client.get(url, follow_redirects=False)
+    assert response.status_code == 302
+    assert response.headers["location"] == "http://169.254.169.254/latest/meta-data/"
+    stats = sim.stats()
+    assert stats["redirects_served"] == 1
+    assert stats["downloads"] == [
+        {
+            "method": "GET",
+            "path": "/upi-basic-batch-output-files/badurl-redirect-2.csv",
+            "headers": stats["downloads"][0]["headers"],
+            "status": 302,
+            "location": "http://169.254.169.254/latest/meta-data/",
+        }
+    ]
+    sim.reset()
+    assert sim.stats()["redirects_served"] == 0
+
+
+def test_badurl_redirect_still_checks_the_signature(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "badurl-redirect-3")
+    response = client.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
+    assert response.status_code == 403

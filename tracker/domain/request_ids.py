@@ -15,9 +15,10 @@ def request_id_problem(request_id: str | None) -> str | None:
     if request_id is None or request_id == "":
         return "request_id is empty"
     if REQUEST_ID_PATTERN.fullmatch(request_id) is None:
-        shown = request_id[:40].encode("unicode_escape").decode("ascii")
+        # ascii() escapes control and non-ASCII characters: the message stays one safe line.
+        shown = ascii(request_id[:40])
         return (
-            f"request_id {shown!r}{'...' if len(request_id) > 40 else ''} is malformed: "
+            f"request_id {shown}{'...' if len(request_id) > 40 else ''} is malformed: "
             "expected 1-128 characters of A-Z, a-z, 0-9, '_' or '-', starting with a letter or digit"
         )
     return None
