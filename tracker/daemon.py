@@ -243,9 +243,13 @@ class Daemon:
                 batches = await asyncio.to_thread(self.sweeper.store.claim_final_hooks, 8)
                 if not batches:
                     return
-                await asyncio.gather(
-                    *(run_final_hook(self.on_final, b, self.on_final_timeout) for b in batches)
+                outcomes = await asyncio.gather(
+                    *(run_final_hook(self.on_final, b, self.on_final_timeout) for b in batches),
+                    return_exceptions=True,
                 )
+                for batch, outcome in zip(batches, outcomes, strict=True):
+                    if isinstance(outcome, Exception):
+                        log.error("hook.failed", request_id=batch.request_id, error=repr(outcome))
         except sa.exc.SQLAlchemyError as error:
             log.error("hook.claim_failed", error=describe_db_error(error))
 

@@ -136,6 +136,17 @@ class Throttle:
         for reservation in pool:
             await self._budget.release(reservation.grant, reservation.left)
 
+    async def give_back(self, count: int = 1) -> None:
+        """Return reserved permits that will not be used (a batch needed no status call)."""
+        while count > 0 and self._pool:
+            reservation = self._pool[0]
+            returned = min(count, reservation.left)
+            reservation.left -= returned
+            count -= returned
+            if reservation.left == 0:
+                self._pool.pop(0)
+            await self._budget.release(reservation.grant, returned)
+
     async def acquire(self) -> None:
         """Wait until a call may start and take its permit."""
         while True:

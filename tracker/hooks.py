@@ -47,8 +47,9 @@ async def run_final_hook(command: str, batch: BatchRow, timeout: float) -> int |
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
         )
-    except OSError as error:
-        bound.error("hook.failed", error=f"cannot start {command!r}: {error.strerror}")
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the environment
+        reason = error.strerror if isinstance(error, OSError) else str(error)
+        bound.error("hook.failed", error=f"cannot start {command!r}: {reason}")
         return None
     try:
         output, _ = await asyncio.wait_for(process.communicate(), timeout)

@@ -108,6 +108,9 @@ batches = sa.Table(
         sqlite_where=sa.text("hook_pending"),
         postgresql_where=sa.text("hook_pending"),
     ),
+    # Without AUTOINCREMENT SQLite hands a deleted row's id to the next insert, and a worker
+    # still holding a claim on the deleted row could then write onto the newcomer.
+    sqlite_autoincrement=True,
 )
 
 transitions = sa.Table(
@@ -129,6 +132,7 @@ transitions = sa.Table(
     sa.Column("detail", sa.Text, nullable=True),
     sa.CheckConstraint("from_state <> to_state", name="changes_state"),
     sa.Index("ix_tracker_transitions_batch_id", "batch_id", "id"),
+    sqlite_autoincrement=True,
 )
 
 # The shared call budget (see tracker.domain.quota): calls counted per window and bucket,

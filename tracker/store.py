@@ -373,8 +373,12 @@ class Store:
             batches.update()
             .where(
                 batches.c.id == batch.id,
+                batches.c.request_id == batch.request_id,
                 batches.c.lease_token == batch.lease_token,
                 batches.c.state == batch.state.value,
+                # A write that already committed released the lease: retrying it after a
+                # lost connection must not count the same check twice.
+                batches.c.lease_owner.is_not(None),
             )
             .values(**values)
         ).rowcount

@@ -259,6 +259,9 @@ class Sweeper:
         bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
         now = self.clock()
         problem = request_id_problem(batch.request_id)
+        if problem is not None or is_too_old(batch, self.policy, now):
+            # No status call for this one: its permit goes back to the budget at once.
+            await self.client.throttle.give_back(1)
         if problem is not None:
             await self._write(
                 report,

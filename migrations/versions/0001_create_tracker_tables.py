@@ -64,6 +64,8 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tracker_batches")),
         sa.UniqueConstraint("request_id", name=op.f("uq_tracker_batches_request_id")),
+        # Never reuse a deleted row's id on SQLite: leases are fenced by (id, token).
+        sqlite_autoincrement=True,
     )
     op.create_index(
         "ix_tracker_batches_due",
@@ -94,6 +96,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tracker_transitions")),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_tracker_transitions_batch_id", "tracker_transitions", ["batch_id", "id"])
 

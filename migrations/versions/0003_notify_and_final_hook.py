@@ -36,18 +36,25 @@ TRANSITION_FUNCTION = """
 CREATE OR REPLACE FUNCTION tracker_notify_transition() RETURNS trigger AS $$
 DECLARE
     batch RECORD;
+    payload TEXT;
 BEGIN
     SELECT label, file_path INTO batch FROM tracker_batches WHERE id = NEW.batch_id;
-    PERFORM pg_notify(
-        'tracker_transitions',
-        json_build_object(
-            'request_id', NEW.request_id,
-            'label', batch.label,
-            'from', NEW.from_state,
-            'to', NEW.to_state,
-            'file_path', batch.file_path
-        )::text
-    );
+    payload := json_build_object(
+        'request_id', NEW.request_id,
+        'label', batch.label,
+        'from', NEW.from_state,
+        'to', NEW.to_state,
+        'file_path', batch.file_path
+    )::text;
+    -- pg_notify refuses payloads over 8000 bytes, which would fail the whole transaction:
+    -- a producer's very long label must not stop the batch. Listeners then look it up.
+    IF octet_length(payload) > 7900 THEN
+        payload := json_build_object(
+            'batch_id', NEW.batch_id, 'from', NEW.from_state, 'to', NEW.to_state,
+            'truncated', true
+        )::text;
+    END IF;
+    PERFORM pg_notify('tracker_transitions', payload);
     RETURN NULL;
 END;
 $$ LANGUAGE plpgsql
@@ -60,10 +67,12 @@ FOR EACH ROW EXECUTE FUNCTION tracker_notify_transition()
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("tracker_batches") as batch:
-        batch.add_column(
-            sa.Column("hook_pending", sa.Boolean, nullable=False, server_default=sa.false())
-        )
+    # A plain ADD COLUMN, not a batch rebuild: rebuilding the table on SQLite would drop
+    # its AUTOINCREMENT, and deleted ids would be reused.
+    op.add_column(
+        "tracker_batches",
+        sa.Column("hook_pending", sa.Boolean, nullable=False, server_default=sa.false()),
+    )
     op.create_index(
         "ix_tracker_batches_hook_pending",
         "tracker_batches",
@@ -85,5 +94,7 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS tracker_batches_wakeup ON tracker_batches")
         op.execute("DROP FUNCTION IF EXISTS tracker_notify_new_batch()")
     op.drop_index("ix_tracker_batches_hook_pending", table_name="tracker_batches")
-    with op.batch_alter_table("tracker_batches") as batch:
+    with op.batch_alter_table(
+        "tracker_batches", table_kwargs={"sqlite_autoincrement": True}
+    ) as batch:
         batch.drop_column("hook_pending")

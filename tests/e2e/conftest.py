@@ -147,13 +147,15 @@ def plain_env(database_url: str, **extra: str) -> dict[str, str]:
 def raw_insert(database_url: str, request_ids: list[str]) -> None:
     """Enqueue exactly as another application would: a bare INSERT."""
     engine = create_engine_for(database_url)
-    with engine.begin() as connection:
-        for request_id in request_ids:
-            connection.execute(
-                sa.text("INSERT INTO tracker_batches (request_id) VALUES (:rid)"),
-                {"rid": request_id},
-            )
-    engine.dispose()
+    try:
+        with engine.begin() as connection:
+            for request_id in request_ids:
+                connection.execute(
+                    sa.text("INSERT INTO tracker_batches (request_id) VALUES (:rid)"),
+                    {"rid": request_id},
+                )
+    finally:
+        engine.dispose()
 
 
 def states(database_url: str) -> dict[str, str]:

@@ -65,3 +65,16 @@ def test_two_instances_migrating_at_once_both_succeed(empty_url: str, tmp_path: 
     errors = [run.communicate(timeout=120)[1].decode() for run in runs]
     assert [run.returncode for run in runs] == [0, 0, 0], errors
     assert _schema_diff(empty_url) == []
+
+
+def test_sqlite_never_reuses_batch_ids(sqlite_url: str) -> None:
+    """Leases are fenced by (id, token): a deleted row's id must not come back."""
+    engine = create_engine_for(sqlite_url)
+    upgrade_database(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.text("INSERT INTO tracker_batches (request_id) VALUES ('a')"))
+        connection.execute(sa.text("DELETE FROM tracker_batches"))
+        connection.execute(sa.text("INSERT INTO tracker_batches (request_id) VALUES ('b')"))
+        new_id = connection.execute(sa.text("SELECT id FROM tracker_batches")).scalar_one()
+    engine.dispose()
+    assert new_id == 2
