@@ -29,6 +29,10 @@ class Budget(Protocol):
 
     async def usage(self) -> dict[str, tuple[int, int]]: ...
 
+    async def snapshot(self) -> tuple[QuotaLedger, float]:
+        """The ledger as it stands, and the budget's own clock (for the schedule)."""
+        ...
+
 
 class MemoryBudget:
     """A budget private to this process (tests, simulations)."""
@@ -48,6 +52,9 @@ class MemoryBudget:
 
     async def usage(self) -> dict[str, tuple[int, int]]:
         return self.ledger.used(self._clock())
+
+    async def snapshot(self) -> tuple[QuotaLedger, float]:
+        return self.ledger, self._clock()
 
 
 class DatabaseBudget:
@@ -70,6 +77,13 @@ class DatabaseBudget:
 
     async def usage(self) -> dict[str, tuple[int, int]]:
         return await asyncio.to_thread(self.usage_now)
+
+    async def snapshot(self) -> tuple[QuotaLedger, float]:
+        return await asyncio.to_thread(self.snapshot_now)
+
+    def snapshot_now(self) -> tuple[QuotaLedger, float]:
+        with self._engine.begin() as connection:
+            return self._load(connection, lock=False)
 
     def reserve_now(self, want: int) -> Grant:
         with self._engine.begin() as connection:

@@ -172,6 +172,29 @@ class Store:
         with self.engine.begin() as connection:
             return [TransitionRow(**row._mapping) for row in connection.execute(query)]
 
+    def load_history(
+        self, since: datetime
+    ) -> tuple[list[tuple[datetime, datetime | None]], datetime | None, int]:
+        """What the budget-aware schedule learns the load from.
+
+        The (created_at, finished_at) of every batch that is unfinished, or was created or
+        finished since `since`; when the oldest batch was created; how many are unfinished.
+        """
+        recent = sa.select(batches.c.created_at, batches.c.finished_at).where(
+            sa.or_(
+                batches.c.state.in_(_ACTIVE),
+                batches.c.created_at >= since,
+                batches.c.finished_at >= since,
+            )
+        )
+        first = sa.select(sa.func.min(batches.c.created_at))
+        unfinished = sa.select(sa.func.count()).where(batches.c.state.in_(_ACTIVE))
+        with self.engine.begin() as connection:
+            lifetimes = [(row.created_at, row.finished_at) for row in connection.execute(recent)]
+            first_seen: datetime | None = connection.execute(first).scalar_one_or_none()
+            open_batches = int(connection.execute(unfinished).scalar_one())
+        return lifetimes, first_seen, open_batches
+
     def oldest_unfinished(self) -> BatchRow | None:
         query = (
             sa.select(batches)

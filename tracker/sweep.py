@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import random
 import time
 from collections.abc import Callable
@@ -31,6 +32,7 @@ from tracker.domain.policy import (
     is_too_old,
 )
 from tracker.domain.request_ids import request_id_problem
+from tracker.domain.schedule import BudgetView, LoadHistory
 from tracker.domain.states import State
 from tracker.domain.urls import redact_url
 from tracker.download import (
@@ -47,6 +49,9 @@ if TYPE_CHECKING:
     from tracker.metrics import Metrics
 
 log = structlog.get_logger("tracker.sweep")
+
+BUDGET_VIEW_SECONDS = 60.0
+DAY_SECONDS = 86400.0
 
 
 def utcnow() -> datetime:
@@ -168,6 +173,8 @@ class Sweeper:
         self.clock = clock
         self.max_quota_wait = max_quota_wait
         self.metrics = metrics
+        self._view: BudgetView | None = None
+        self._view_taken = -math.inf
         self.stopping = asyncio.Event()
         # Grows whenever work moves (a claim, a finished batch, a download's keep-alive), so
         # the daemon can tell a long but healthy sweep from a wedged one.
@@ -182,6 +189,7 @@ class Sweeper:
         limit lets start now, so no batch sits leased while waiting for quota.
         """
         report = SweepReport()
+        self._view = await self._budget_view()
         running: dict[asyncio.Task[None], Tracked] = {}
         throttle = self.client.throttle
         exhausted = False
@@ -234,6 +242,34 @@ class Sweeper:
             if running:  # cancelled from outside: hand the rest back
                 await self._wind_down(running, grace=0.0)
         return report
+
+    async def _budget_view(self) -> BudgetView | None:
+        """The call budget and the recent load, for the budget-aware schedule.
+
+        Refreshed at most once a minute: it changes slowly, and reading a day of history
+        for every sweep would cost more than it could save. Without it (the database
+        hiccuped) batches fall back to plain backoff for this pass.
+        """
+        if time.monotonic() - self._view_taken < BUDGET_VIEW_SECONDS:
+            return self._view
+        try:
+            ledger, budget_now = await self.client.throttle.budget.snapshot()
+            since = datetime.fromtimestamp(budget_now - DAY_SECONDS, UTC)
+            lifetimes, first_seen, open_batches = await asyncio.to_thread(
+                self.store.load_history, since
+            )
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("budget.view_failed", error=describe_db_error(error))
+            return None
+        load = LoadHistory.from_lifetimes(
+            [(c.timestamp(), f.timestamp() if f else None) for c, f in lifetimes],
+            now=budget_now,
+            first_seen=first_seen.timestamp() if first_seen else None,
+        )
+        self._view_taken = time.monotonic()
+        return BudgetView.from_ledger(
+            ledger, budget_now, open_batches=max(open_batches, 1), load=load
+        )
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -290,7 +326,9 @@ class Sweeper:
         report.checked += 1
         if self.metrics is not None:
             self.metrics.observe_status(answer.outcome.value)
-        decision = decide_on_answer(batch, answer, self.policy, self.clock(), self.rng)
+        decision = decide_on_answer(
+            batch, answer, self.policy, self.clock(), self.rng, budget=self._view
+        )
         if answer.detail and decision.to_state is batch.state:
             bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
         url = decision.download_url

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.schedule import BudgetView, processing_delay
 from tracker.domain.states import State
 
 
@@ -107,8 +108,13 @@ def decide_on_answer(
     policy: PollPolicy,
     now: datetime,
     rng: random.Random,
+    budget: BudgetView | None = None,
 ) -> Decision:
-    """The decision for `batch` after Deepvue answered its status call with `answer`."""
+    """The decision for `batch` after Deepvue answered its status call with `answer`.
+
+    With a `budget`, a batch still in progress is rescheduled by the budget-aware schedule
+    (tracker.domain.schedule); without one, by plain geometric backoff.
+    """
     seen = Decision(
         to_state=batch.state,
         next_check_at=None,
@@ -145,7 +151,15 @@ def decide_on_answer(
             return replace(
                 seen,
                 to_state=to_state,
-                next_check_at=later(poll_delay(policy, batch.checks, rng)),
+                next_check_at=later(
+                    processing_delay(
+                        policy,
+                        age=(now - batch.created_at).total_seconds(),
+                        checks=batch.checks,
+                        budget=budget,
+                        rng=rng,
+                    )
+                ),
                 detail="Deepvue reports the batch in progress" if to_state != batch.state else None,
             )
         case Outcome.INVALID:

@@ -1,0 +1,466 @@
+"""Quota economy: status calls against Deepvue's daily quota, on a virtual clock.
+
+Each simulated day, 150 batches arrive at uniformly random times and take a lognormal time
+to finish (median 20 minutes, sigma 1). Every status call goes through the real
+`QuotaLedger` of the plan (per second, minute and sliding day), and the tracker's next
+check comes from the real `processing_delay`, fed the same BudgetView the sweep would
+build. Nothing sleeps: the clock is a number.
+
+Three ways of polling, each on the same days:
+- fixed 60 s: a generic sensor. It knows nothing of the quota: a call the plan would
+  refuse is a 429, and it tries again at its next poll.
+- best fixed: the sweep with a fixed interval, the shortest (5 s steps) for which the plan
+  never has to hold back a call because the day's quota is spent. Found by search over the
+  whole simulated run, so it knows the load in advance.
+- tracker: the sweep with the budget-aware schedule.
+
+The sweep is modelled as the daemon runs it: a batch is looked at on the first sweep tick
+(every 5 s) at or after it is due; its first check is at insertion; a check the ledger
+refuses waits until the ledger says a call fits. A check held back because the day window
+was full is a quota overrun.
+
+The measured day is the second of three days of the same load: the ledger already holds
+the previous day's calls (as it does in production, where the window slides and survives
+restarts), and batches keep arriving after it. The first day of a fresh install (empty
+ledger, no history) is reported too, for information.
+
+Run alone: `python bench/quota_sim.py [--quick]`; exit status 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import math
+import random
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import Figure, format_table, ratio_of, say
+
+from tracker.domain.policy import PollPolicy
+from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
+from tracker.domain.schedule import BudgetView, LoadHistory, processing_delay
+
+DAY = 86400.0
+BATCHES_PER_DAY = 150
+MEDIAN_DURATION = 20 * 60.0
+DURATION_SIGMA = 1.0
+SWEEP_INTERVAL = 5.0  # TRACKER_SWEEP_INTERVAL's default
+NAIVE_INTERVAL = 60.0
+SEARCH_STEP = 5.0
+POLICY = PollPolicy()
+
+# next_delay(age, checks, budget_view) -> seconds; budget_view builds the view on demand.
+NextDelay = Callable[[float, int, Callable[[], BudgetView]], float]
+
+
+@dataclass(frozen=True)
+class Batch:
+    inserted: float
+    duration: float
+
+    @property
+    def done_at(self) -> float:
+        return self.inserted + self.duration
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    plan: str
+    days: int
+    measured_day: int
+
+    @property
+    def measured(self) -> tuple[float, float]:
+        return self.measured_day * DAY, (self.measured_day + 1) * DAY
+
+
+STEADY = Scenario("starter", "starter", days=3, measured_day=1)
+FRESH = Scenario("starter, first day", "starter", days=1, measured_day=0)
+ENTERPRISE = Scenario("enterprise", "enterprise", days=2, measured_day=1)
+
+
+def make_batches(seed: int, days: int) -> list[Batch]:
+    rng = random.Random(seed)
+    batches = [
+        Batch(
+            inserted=day * DAY + rng.uniform(0, DAY),
+            duration=MEDIAN_DURATION * math.exp(rng.gauss(0, DURATION_SIGMA)),
+        )
+        for day in range(days)
+        for _ in range(BATCHES_PER_DAY)
+    ]
+    return sorted(batches, key=lambda batch: batch.inserted)
+
+
+@dataclass
+class Run:
+    """One policy on one simulated run; counts cover the measured day's batches."""
+
+    delays: list[float] = field(default_factory=list)
+    batches: int = 0
+    calls: int = 0
+    # Calls the plan refused that a quota-blind poller made anyway (429s), per day.
+    rejected_per_day: float = 0.0
+    # Checks held back because the day's quota was spent, over the whole run.
+    overruns: int = 0
+
+    def add(self, other: Run) -> None:
+        self.delays += other.delays
+        self.batches += other.batches
+        self.calls += other.calls
+        self.rejected_per_day += other.rejected_per_day
+        self.overruns += other.overruns
+
+    @property
+    def calls_per_batch(self) -> float:
+        return self.calls / self.batches if self.batches else math.nan
+
+    def quantile(self, q: float) -> float:
+        ordered = sorted(self.delays)
+        if not ordered:
+            return math.nan
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class _Load:
+    """The trailing-day record the sweep would read from the store, kept incrementally."""
+
+    def __init__(self) -> None:
+        self.first_seen: float | None = None
+        self.open: dict[int, float] = {}
+        self.finished: deque[tuple[float, float | None]] = deque()
+
+    def inserted(self, index: int, at: float) -> None:
+        if self.first_seen is None:
+            self.first_seen = at
+        self.open[index] = at
+
+    def stopped(self, index: int, at: float) -> None:
+        self.finished.append((self.open.pop(index), at))
+
+    def history(self, now: float) -> LoadHistory:
+        while self.finished and (self.finished[0][1] or now) <= now - DAY:
+            self.finished.popleft()
+        lifetimes = itertools.chain(
+            self.finished, ((inserted, None) for inserted in self.open.values())
+        )
+        return LoadHistory.from_lifetimes(lifetimes, now=now, first_seen=self.first_seen)
+
+
+def simulate(
+    batches: Sequence[Batch],
+    plan: str,
+    next_delay: NextDelay,
+    *,
+    measured: tuple[float, float],
+    naive: bool = False,
+) -> Run:
+    """Poll every batch until a status call sees it finished.
+
+    `naive`: the poller ignores the quota; each refused call is a 429 and it polls again
+    after its usual delay. Otherwise calls go through the sweep as described above.
+    """
+    ledger = QuotaLedger(plan_windows(*PLANS[plan]))
+    load = _Load()
+    checks = [0] * len(batches)
+    started = [False] * len(batches)
+    run = Run()
+    rejected = 0
+    held_back: set[tuple[int, int]] = set()
+    views: dict[tuple[float, int], BudgetView] = {}
+    refused_until, day_full = -math.inf, False
+    due = [(batch.inserted, index) for index, batch in enumerate(batches)]
+    heapq.heapify(due)
+    last = 0.0
+    while due:
+        at, index = heapq.heappop(due)
+        now = at if naive else math.ceil(at / SWEEP_INTERVAL) * SWEEP_INTERVAL
+        last = max(last, now)
+        batch = batches[index]
+        in_measure = measured[0] <= batch.inserted < measured[1]
+        if not started[index]:
+            started[index] = True
+            load.inserted(index, batch.inserted)
+        if now < refused_until:
+            # Refused for sure: nothing frees up before then, and other calls only take room.
+            wait = refused_until - now
+        else:
+            grant = ledger.reserve(now, 1)
+            wait = grant.wait
+            if not grant.granted:
+                used, limit = ledger.used(now)["day"]
+                refused_until, day_full = now + wait, used >= limit
+        if now < refused_until:
+            if naive:
+                interval = next_delay(now - batch.inserted, checks[index], _no_view)
+                missed = max(1, math.ceil(wait / interval))
+                rejected += missed
+                heapq.heappush(due, (now + missed * interval, index))
+                continue
+            if day_full:
+                held_back.add((index, checks[index]))
+            heapq.heappush(due, (now + max(wait, 0.01), index))
+            continue
+        if in_measure:
+            run.calls += 1
+        if now >= batch.done_at:
+            load.stopped(index, now)
+            if in_measure:
+                run.delays.append(now - batch.done_at)
+                run.batches += 1
+            continue
+
+        def view(now: float = now) -> BudgetView:
+            # The sweep reads the budget and the load once per pass, not once per batch.
+            key = (now, len(load.open))
+            if key not in views:
+                views.clear()
+                views[key] = BudgetView.from_ledger(
+                    ledger, now, open_batches=len(load.open), load=load.history(now)
+                )
+            return views[key]
+
+        delay = next_delay(now - batch.inserted, checks[index], view)
+        checks[index] += 1
+        heapq.heappush(due, (now + delay, index))
+    run.overruns = len(held_back)
+    run.rejected_per_day = rejected / max(last / DAY, 1.0)
+    return run
+
+
+def _no_view() -> BudgetView:
+    raise AssertionError("a fixed interval needs no budget view")
+
+
+def fixed(interval: float) -> NextDelay:
+    return lambda age, checks, view: interval
+
+
+def tracker_policy(seed: int, policy: PollPolicy = POLICY) -> NextDelay:
+    rng = random.Random(seed)
+
+    def next_delay(age: float, checks: int, view: Callable[[], BudgetView]) -> float:
+        return processing_delay(policy, age=age, checks=checks, budget=view(), rng=rng)
+
+    return next_delay
+
+
+def best_fixed_interval(batches: Sequence[Batch], scenario: Scenario) -> float:
+    """The shortest interval (to SEARCH_STEP) that never runs into a spent day quota."""
+
+    def fits(interval: float) -> bool:
+        run = simulate(batches, scenario.plan, fixed(interval), measured=(0, 0))
+        return run.overruns == 0
+
+    # A first guess from the load: polling time over the calls left after first checks.
+    limit = PLANS[scenario.plan][2]
+    budget = max(limit * scenario.days - len(batches), 1)
+    guess = sum(batch.duration for batch in batches) / budget
+    high = max(guess * 1.25, SEARCH_STEP)
+    while not fits(high):
+        high *= 1.5
+    low = max(guess * 0.8, SEARCH_STEP)
+    while low > SEARCH_STEP and fits(low):
+        low = max(low / 1.5, SEARCH_STEP)
+    if fits(low):
+        return low
+    while high - low > SEARCH_STEP:
+        middle = (low + high) / 2
+        if fits(middle):
+            high = middle
+        else:
+            low = middle
+    return high
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    tracker: Run
+    naive: Run
+    best: Run | None
+    best_intervals: list[float]
+
+
+def run_scenario(scenario: Scenario, seeds: Sequence[int], *, with_best: bool = True) -> Outcome:
+    outcome = Outcome(scenario, Run(), Run(), Run() if with_best else None, [])
+    for seed in seeds:
+        batches = make_batches(seed, scenario.days)
+        measured = scenario.measured
+        outcome.tracker.add(
+            simulate(batches, scenario.plan, tracker_policy(seed), measured=measured)
+        )
+        outcome.naive.add(
+            simulate(
+                batches,
+                scenario.plan,
+                fixed(NAIVE_INTERVAL),
+                measured=measured,
+                naive=True,
+            )
+        )
+        if outcome.best is not None:
+            interval = best_fixed_interval(batches, scenario)
+            outcome.best_intervals.append(interval)
+            outcome.best.add(simulate(batches, scenario.plan, fixed(interval), measured=measured))
+    return outcome
+
+
+def _figure(
+    name: str,
+    value: float,
+    baseline: float,
+    unit: str,
+    baseline_unit: str,
+    target: str,
+    met: bool | None,
+    note: str = "",
+) -> Figure:
+    return Figure(
+        name,
+        value,
+        baseline,
+        unit,
+        baseline_unit,
+        ratio_of(value, baseline),
+        target,
+        met,
+        note=note,
+    )
+
+
+def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
+    label = outcome.scenario.name
+    tracker, naive, best = outcome.tracker, outcome.naive, outcome.best
+    per_seed = f"{seeds} seeds"
+    rows: list[Figure] = []
+    if outcome.scenario is ENTERPRISE:
+        limit = POLICY.min_interval + 10
+        rows.append(
+            _figure(
+                f"{label}: quota overruns, tracker (vs fixed 60 s 429s/day)",
+                tracker.overruns,
+                naive.rejected_per_day / seeds,
+                "",
+                "",
+                "= 0",
+                tracker.overruns == 0,
+            )
+        )
+        rows.append(
+            _figure(
+                f"{label}: p95 detection delay, tracker (vs min interval + 10 s)",
+                tracker.quantile(0.95),
+                limit,
+                "s",
+                "s",
+                "<= baseline",
+                tracker.quantile(0.95) <= limit,
+                note=f"p50 {tracker.quantile(0.5):.0f} s, {tracker.calls_per_batch:.1f} calls/batch, {per_seed}",
+            )
+        )
+        return rows
+    assert best is not None
+    steady = outcome.scenario is STEADY
+    mean_interval = sum(outcome.best_intervals) / len(outcome.best_intervals)
+    rows.append(
+        _figure(
+            f"{label}: quota overruns, tracker (vs fixed 60 s 429s/day)",
+            tracker.overruns,
+            naive.rejected_per_day / seeds,
+            "",
+            "",
+            "= 0" if steady else "info",
+            tracker.overruns == 0 if steady else None,
+        )
+    )
+    rows.append(
+        _figure(
+            f"{label}: p95 detection delay, tracker (vs best fixed)",
+            tracker.quantile(0.95),
+            best.quantile(0.95),
+            "s",
+            "s",
+            "<= baseline" if steady else "info",
+            tracker.quantile(0.95) <= best.quantile(0.95) if steady else None,
+            note=f"best fixed interval {mean_interval:.0f} s on average, {per_seed}",
+        )
+    )
+    rows.append(
+        _figure(
+            f"{label}: p50 detection delay, tracker (vs best fixed)",
+            tracker.quantile(0.5),
+            best.quantile(0.5),
+            "s",
+            "s",
+            "info",
+            None,
+        )
+    )
+    rows.append(
+        _figure(
+            f"{label}: calls per batch, tracker (vs best fixed)",
+            tracker.calls_per_batch,
+            best.calls_per_batch,
+            "",
+            "",
+            "info",
+            None,
+        )
+    )
+    rows.append(
+        _figure(
+            f"{label}: p95 detection delay, fixed 60 s (vs best fixed)",
+            naive.quantile(0.95),
+            best.quantile(0.95),
+            "s",
+            "s",
+            "info",
+            None,
+            note=f"{naive.calls_per_batch:.1f} calls/batch answered, {naive.rejected_per_day / seeds:,.0f} 429s a day",
+        )
+    )
+    return rows
+
+
+def run(quick: bool) -> list[Figure]:
+    """The quota-economy figures (several seeds; `quick` uses a few)."""
+    seeds = list(range(2 if quick else 20))
+    figures: list[Figure] = []
+    for scenario, with_best, count in (
+        (STEADY, True, len(seeds)),
+        (FRESH, True, len(seeds)),
+        (ENTERPRISE, False, 1 if quick else 3),
+    ):
+        started = time.monotonic()
+        outcome = run_scenario(scenario, seeds[:count], with_best=with_best)
+        say(f"quota: {scenario.name} done in {time.monotonic() - started:.1f} s")
+        figures += figures_for(outcome, count)
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="quota_sim.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a few seeds (seconds)")
+    args = parser.parse_args(argv)
+    figures = run(args.quick)
+    print(format_table(figures))
+    for figure in figures:
+        if figure.note:
+            print(f"- {figure.name}: {figure.note}")
+    return 0 if all(figure.met is not False for figure in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,303 @@
+"""The budget-aware polling schedule, and a small run of the quota simulation."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import random
+import sys
+from pathlib import Path
+from statistics import NormalDist, mean
+from types import ModuleType
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tracker.domain import schedule
+from tracker.domain.policy import PollPolicy, poll_delay
+from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
+from tracker.domain.schedule import (
+    BudgetView,
+    LoadHistory,
+    budget_interval,
+    processing_delay,
+    releases_per_slot,
+)
+
+POLICY = PollPolicy(min_interval=30, max_interval=900)
+DAY = 86400.0
+MEDIAN = 1200.0
+
+
+def steady_load(per_day: int = 150, mean_open: float = MEDIAN * math.exp(0.5)) -> LoadHistory:
+    """A day of history: `per_day` arrivals, each open `mean_open` seconds on average."""
+    busy_seconds = per_day * mean_open
+    return LoadHistory(
+        span=DAY,
+        arrivals=per_day,
+        open_seconds=busy_seconds,
+        recent_span=6 * 3600.0,
+        recent_open_seconds=busy_seconds / 4,
+    )
+
+
+def view(
+    calls_left: int,
+    day_limit: int = 1000,
+    open_batches: int = 4,
+    load: LoadHistory | None = None,
+    releases: tuple[int, ...] = (),
+) -> BudgetView:
+    return BudgetView(
+        calls_left=calls_left,
+        day_limit=day_limit,
+        open_batches=open_batches,
+        releases=releases,
+        load=load if load is not None else steady_load(),
+    )
+
+
+def delays(budget: BudgetView | None, age: float, checks: int = 3, n: int = 200) -> list[float]:
+    rng = random.Random(7)
+    return [
+        processing_delay(POLICY, age=age, checks=checks, budget=budget, rng=rng) for _ in range(n)
+    ]
+
+
+# --------------------------------------------------------------------------- no budget
+
+
+@given(checks=st.integers(0, 40), age=st.floats(0, 7 * DAY), seed=st.integers(0, 2**32))
+def test_without_a_budget_it_is_the_old_backoff(checks: int, age: float, seed: int) -> None:
+    old = poll_delay(POLICY, checks, random.Random(seed))
+    new = processing_delay(POLICY, age=age, checks=checks, budget=None, rng=random.Random(seed))
+    assert new == old
+
+
+# --------------------------------------------------------------------------- with a budget
+
+
+def test_plentiful_budget_checks_batches_near_the_median_at_the_minimum() -> None:
+    enterprise = view(calls_left=49_000, day_limit=50_000, open_batches=5)
+    for age in (0.5 * MEDIAN, MEDIAN, 2 * MEDIAN):
+        got = delays(enterprise, age)
+        assert min(got) >= POLICY.min_interval
+        assert max(got) <= POLICY.min_interval * (1 + schedule.JITTER)
+
+
+def test_scarce_budget_stretches_intervals() -> None:
+    # Starter, a normal day's load: the window affords roughly six calls a batch.
+    starter = view(calls_left=300, releases=(40,) * 24)
+    plentiful = view(calls_left=49_000, day_limit=50_000, releases=(40,) * 24)
+    scarce = mean(delays(starter, MEDIAN))
+    assert scarce > 2 * mean(delays(plentiful, MEDIAN))
+    # A heavier load (twice the batches open for twice as long) stretches them further.
+    heavy = view(calls_left=300, releases=(40,) * 24, load=steady_load(150, 2 * MEDIAN * 1.65))
+    assert mean(delays(heavy, MEDIAN)) > 1.5 * scarce
+
+
+def test_the_plan_spends_the_day_on_the_load_of_the_last_day() -> None:
+    load = steady_load()
+    budget = view(calls_left=300, releases=(40,) * 24, load=load)
+    busy = load.open_seconds / DAY
+    reserve = schedule.RESERVE_SHARE * budget.day_limit
+    for_checks = budget.calls_left + budget.released_within(DAY) - reserve - load.arrivals
+    expected = schedule.HEADROOM * busy * DAY / for_checks
+    assert budget_interval(budget) == pytest.approx(expected)
+
+
+def test_the_plan_ignores_the_open_count_of_the_moment() -> None:
+    # Two or six open batches: the same interval, so busy hours are not starved.
+    few = budget_interval(view(calls_left=300, open_batches=2, releases=(40,) * 24))
+    many = budget_interval(view(calls_left=300, open_batches=6, releases=(40,) * 24))
+    assert few == many
+
+
+def test_a_burst_is_braked_by_the_next_hour_and_may_exceed_max_interval() -> None:
+    budget = view(calls_left=40, open_batches=100, releases=(5,) * 24)
+    available = 40 - schedule.BURST_RESERVE_SHARE * 1000 + 5
+    expected_arrivals = 150 / 24
+    arriving = expected_arrivals + schedule.ARRIVAL_SPREAD * math.sqrt(expected_arrivals)
+    assert budget_interval(budget) == pytest.approx(
+        min(100 * 3600 / (available - arriving), schedule.FORCED_CEILING)
+    )
+    got = delays(budget, MEDIAN)
+    assert min(got) > POLICY.max_interval
+    assert max(got) <= schedule.FORCED_CEILING
+
+
+def test_an_exhausted_budget_waits_at_most_the_ceiling() -> None:
+    budget = view(calls_left=0, open_batches=10, releases=(0,) * 24)
+    assert budget_interval(budget) == schedule.FORCED_CEILING
+    got = delays(budget, MEDIAN, n=20)
+    assert POLICY.max_interval < min(got)
+    assert max(got) <= schedule.FORCED_CEILING
+
+
+def test_calls_returning_within_the_hour_lift_the_brake() -> None:
+    starved = view(calls_left=20, open_batches=8, releases=(0,) * 24)
+    refilled = view(calls_left=20, open_batches=8, releases=(60,) + (0,) * 23)
+    assert budget_interval(refilled) < budget_interval(starved)
+
+
+def test_a_fresh_budget_must_last_until_the_window_gives_back() -> None:
+    # Six hours into a fresh install, 250 calls spent: nothing comes back for 18 hours.
+    fresh_load = LoadHistory(span=6 * 3600.0, arrivals=40, open_seconds=6 * 3600.0 * 3.5)
+    spent = view(calls_left=750, open_batches=3, load=fresh_load)
+    busy = 3.5
+    arrivals = 40 / (6 * 3600.0) * 18 * 3600.0
+    until_refill = busy * schedule.HEADROOM * 18 * 3600.0 / (750 - 20 - arrivals)
+    assert budget_interval(spent) == pytest.approx(until_refill)
+    # The same calls left with a full day of history would be planned over a day instead.
+    steady = view(calls_left=750, load=steady_load())
+    assert budget_interval(steady) < budget_interval(spent)
+
+
+def test_young_batches_wait_longer_than_those_near_the_completion_peak() -> None:
+    budget = view(calls_left=300, releases=(40,) * 24)
+    young = mean(delays(budget, age=10.0))
+    peak = mean(delays(budget, age=schedule.HAZARD_PEAK_AT * MEDIAN))
+    base = budget_interval(budget)
+    assert young > base > peak
+    # Near the peak the weight is 1: the interval is the plan times the mean weight.
+    assert peak == pytest.approx(base * schedule.MEAN_WEIGHT, rel=0.06)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls_left=st.integers(0, 1000),
+    open_batches=st.integers(0, 300),
+    arrivals=st.integers(0, 2000),
+    open_hours=st.floats(0, 5000),
+    span=st.floats(0, DAY),
+    age=st.floats(0, 7 * DAY),
+    release=st.integers(0, 50),
+    seed=st.integers(0, 2**32),
+)
+def test_always_between_min_and_the_forced_ceiling(
+    calls_left: int,
+    open_batches: int,
+    arrivals: int,
+    open_hours: float,
+    span: float,
+    age: float,
+    release: int,
+    seed: int,
+) -> None:
+    load = LoadHistory(span=span, arrivals=arrivals, open_seconds=open_hours * 3600.0)
+    budget = view(calls_left, open_batches=open_batches, load=load, releases=(release,) * 24)
+    got = processing_delay(POLICY, age=age, checks=5, budget=budget, rng=random.Random(seed))
+    assert POLICY.min_interval <= got <= max(POLICY.max_interval, schedule.FORCED_CEILING)
+    assert math.isfinite(got)
+
+
+def test_deterministic_for_a_seeded_rng() -> None:
+    budget = view(calls_left=300, releases=(40,) * 24)
+    first = [
+        processing_delay(POLICY, age=a, checks=2, budget=budget, rng=random.Random(3))
+        for a in (10.0, 600.0, 5000.0)
+    ]
+    again = [
+        processing_delay(POLICY, age=a, checks=2, budget=budget, rng=random.Random(3))
+        for a in (10.0, 600.0, 5000.0)
+    ]
+    assert first == again
+
+
+def test_shape_constants_match_the_lognormal() -> None:
+    normal = NormalDist()
+
+    def hazard(x: float) -> float:
+        z = math.log(x) / schedule.SHAPE_SIGMA
+        return normal.pdf(z) / (x * schedule.SHAPE_SIGMA) / (1 - normal.cdf(z))
+
+    grid = [i / 1000 for i in range(1, 5000)]
+    peak_at = max(grid, key=hazard)
+    assert peak_at == pytest.approx(schedule.HAZARD_PEAK_AT, abs=0.002)
+    assert hazard(peak_at) == pytest.approx(schedule.HAZARD_PEAK, rel=1e-3)
+    weighted = total = 0.0
+    for i in range(1, 40_000):
+        x = i / 2000
+        survival = 1 - normal.cdf(math.log(x) / schedule.SHAPE_SIGMA)
+        weighted += survival * math.sqrt(min(hazard(x) / schedule.HAZARD_PEAK, 1.0))
+        total += survival
+    assert weighted / total == pytest.approx(schedule.MEAN_WEIGHT, abs=0.002)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_released_within_counts_whole_slots_only() -> None:
+    budget = view(calls_left=100, releases=(10, 20, 30) + (0,) * 21)
+    assert budget.released_within(1800) == 0
+    assert budget.released_within(3600) == 10
+    assert budget.released_within(3 * 3600) == 60
+    assert budget.released_within(DAY) == 900  # everything counted leaves within a day
+    unknown = view(calls_left=100)
+    assert unknown.released_within(12 * 3600) == 0
+
+
+def test_releases_follow_the_ledger() -> None:
+    ledger = QuotaLedger(plan_windows(*PLANS["starter"]))
+    day = next(w for w in ledger.windows if w.name == "day")
+    for at, calls in ((0.0, 3), (1800.0, 2), (5 * 3600.0, 4)):
+        for i in range(calls):
+            assert ledger.reserve(at + 2 * i, 1).granted == 1
+    now = DAY - 3000.0  # 51 minutes before the first calls stop counting
+    releases = releases_per_slot(day, ledger.usage["day"], now)
+    assert sum(releases) == ledger.used(now)["day"][0] == 9
+    assert releases[0] == 3  # the calls at 0 s leave within the hour
+    assert releases[1] == 2  # those at 1800 s, 81 minutes from now
+    assert releases[5] == 4
+    # Exactly when the ledger stops counting them.
+    first_gone = ledger.used(DAY + 60.2)["day"][0]
+    assert first_gone == 6
+    budget = BudgetView.from_ledger(ledger, now, open_batches=3, load=None)
+    assert (budget.calls_left, budget.day_limit, budget.window) == (991, 1000, DAY)
+    assert budget.releases == releases
+    assert budget.released_within(2 * 3600.0) == 5
+
+
+def test_load_history_from_lifetimes() -> None:
+    now = 2 * DAY
+    lifetimes = [
+        (now - DAY - 3600.0, now - DAY + 1800.0),  # began before the window: half an hour in it
+        (now - 7200.0, now - 3600.0),  # an hour, two hours ago
+        (now - 600.0, None),  # still open, ten minutes
+        (now - 3 * DAY, now - 2 * DAY),  # long gone
+    ]
+    load = LoadHistory.from_lifetimes(lifetimes, now=now)
+    assert load.span == DAY
+    assert load.arrivals == 2
+    assert load.open_seconds == pytest.approx(1800 + 3600 + 600)
+    assert load.recent_span == 6 * 3600.0
+    assert load.recent_open_seconds == pytest.approx(3600 + 600)
+    young = LoadHistory.from_lifetimes([(now - 600.0, None)], now=now, first_seen=now - 3600.0)
+    assert young.span == 3600.0
+
+
+# --------------------------------------------------------------------------- the simulation
+
+
+def load_quota_sim() -> ModuleType:
+    path = Path(__file__).resolve().parents[2] / "bench" / "quota_sim.py"
+    spec = importlib.util.spec_from_file_location("quota_sim", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("quota_sim", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_simulated_starter_day_stays_within_the_quota() -> None:
+    sim = load_quota_sim()
+    batches = sim.make_batches(seed=11, days=1)
+    day = (0.0, DAY)
+    tracker = sim.simulate(batches, "starter", sim.tracker_policy(11), measured=day)
+    assert tracker.overruns == 0
+    assert tracker.batches == len(batches)  # every batch was seen finished
+    assert tracker.quantile(0.95) < POLICY.max_interval
+    # The same day polled every 60 s regardless of the quota runs into it many times over.
+    naive = sim.simulate(batches, "starter", sim.fixed(60.0), measured=day, naive=True)
+    assert naive.rejected_per_day > 1000

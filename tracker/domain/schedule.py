@@ -1,0 +1,354 @@
+"""When to look again at a batch Deepvue still reports in progress, given the call budget.
+
+`processing_delay` replaces the plain geometric backoff (`policy.poll_delay`) when the
+caller can describe the budget. Pure: counts and ages go in, seconds come out.
+
+The problem
+-----------
+Deepvue limits status calls per key per day (1,000 on Starter), counted over a sliding
+24-hour window. Every batch costs one call when it is inserted (its first check) and one per
+later check; the check that sees it finished ends the detection delay. A good schedule
+spends the whole day's quota, never more, and spreads it so that no batch waits long after
+it finished. A fixed interval T does this well *if* T is chosen knowing the day's load:
+T = (batch-seconds of polling) / (calls left after the first checks). Nothing tells the
+tracker tomorrow's load, so it estimates it from the recent past and corrects as it goes.
+
+The plan
+--------
+1. Load. From the trailing day (`LoadHistory`): the arrival rate `lam` (each arrival
+   costs a first check) and `busy`, the mean number of batches open at once. If the last
+   six hours were busier than the day, most of that (90 %) is the load planned for: the
+   window still remembers the quiet hours, the busy spell is what the next calls pay
+   for. While the history is shorter than a day, the current open count weighs in too.
+2. Rate. Every open batch gets the same interval: the one at which `busy` batches spend
+   what the window gives back over a day, after the first checks of batches yet to
+   arrive: interval = busy * day / (calls over the day - lam * day). The interval follows
+   the load of the past day, not the open count of the moment: with a constant total rate
+   the busy hours, when most batches finish, would get the longest intervals and the p95
+   delay would suffer. 5 % headroom keeps the window from running exactly full, so that a
+   busier day than the last does not meet an empty window.
+3. Brakes. Two more horizons must fit too; the longest interval wins.
+   - The next hour: the batches open *now* (a burst of inserts) against what is left now
+     plus what the window gives back within the hour, less the first checks of the next
+     hour's arrivals (three standard deviations above their mean). A burst may use half
+     of the plan's 2 % reserve.
+   - Until the window first gives anything back, while the history is shorter than a day:
+     a fresh budget returns nothing until a day after its first call, so what is left
+     must last until then.
+   The release schedule (`releases`, from the ledger's buckets) makes the brakes exact:
+   assuming calls come back evenly would let the hour's brake promise calls that a busy
+   hour yesterday has not yet returned.
+4. Age. Batches are not equally likely to finish at every age. A lognormal duration
+   (sigma 1, an assumption: most finish near a typical time, some take several times
+   longer) has a completion hazard that is low for young batches, peaks near 0.6 of the
+   median and falls slowly after. Checking at a rate proportional to the square root of
+   the hazard minimises the mean detection delay for a given number of calls (a completion
+   at age t waits about 1 / (2 rate(t)); calls cost rate(t) for as long as the batch is
+   open). So the next check comes when the weighted time since this one reaches the
+   step-2 interval times the mean weight, which leaves the number of calls unchanged. The
+   median is learnt from the same history (mean time open / e^(sigma^2 / 2)), never
+   assumed. When every batch can have the minimum interval, nothing is reshaped.
+
+Bounds. The result is clamped to [policy.min_interval, policy.max_interval], except that
+the budget may force longer intervals: polling at max_interval would then only make calls
+the rate limiter refuses, and the sweep would hold them back in due order rather than
+where they matter. A forced interval is capped at one hour, so that a momentary shortage
+never parks a batch for long: the estimate is made again at the next check. A +-5 % jitter
+keeps batches inserted together from being checked in lockstep.
+
+With `budget=None` the old geometric backoff applies unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from statistics import NormalDist
+from typing import TYPE_CHECKING
+
+from tracker.domain.quota import QuotaLedger, Window
+
+if TYPE_CHECKING:
+    from tracker.domain.policy import PollPolicy
+
+__all__ = [
+    "BudgetView",
+    "LoadHistory",
+    "budget_interval",
+    "processing_delay",
+    "releases_per_slot",
+]
+
+# Share of the day's quota kept back from the plan, and the smaller share a burst may use.
+RESERVE_SHARE = 0.02
+BURST_RESERVE_SHARE = 0.01
+# Plan for this much more load than the trailing day showed.
+HEADROOM = 1.05
+# How much of a busier recent spell counts as the load to plan for.
+RECENT_WEIGHT = 0.9
+# Rates estimated from less history than this are too noisy: divide by at least this.
+MIN_HISTORY = 3 * 3600.0
+# The horizon over which the batches open now must not exhaust the budget.
+BURST_HORIZON = 3600.0
+# Standard deviations of (Poisson) arrivals the next hour's budget is kept for.
+ARRIVAL_SPREAD = 3.0
+# The longest interval a shortage of budget may impose before the estimate is repeated.
+FORCED_CEILING = 3600.0
+JITTER = 0.05
+
+# Completion-time shape (lognormal, sigma 1; see the module docstring), in units of the
+# median duration: where its hazard peaks, the peak, and the mean of sqrt(hazard / peak)
+# over the ages of open batches (their density is the survival function). Computed once
+# numerically; test_schedule checks them.
+SHAPE_SIGMA = 1.0
+HAZARD_PEAK_AT = 0.618
+HAZARD_PEAK = 0.83954
+MEAN_WEIGHT = 0.831
+
+_NORMAL = NormalDist()
+
+
+@dataclass(frozen=True)
+class LoadHistory:
+    """What the recent past says about the load (all within the day window).
+
+    `span` is how much past the figures cover: one day window once the tracker has run
+    that long, less on a fresh install. `open_seconds` adds up, over every batch, the time
+    it spent unfinished (being polled) within the span; the `recent_*` pair does the same
+    for the last few hours.
+    """
+
+    span: float
+    arrivals: int
+    open_seconds: float
+    recent_span: float = 0.0
+    recent_open_seconds: float = 0.0
+
+    @classmethod
+    def from_lifetimes(
+        cls,
+        lifetimes: Iterable[tuple[float, float | None]],
+        *,
+        now: float,
+        window: float = 86400.0,
+        recent: float = 6 * 3600.0,
+        first_seen: float | None = None,
+    ) -> LoadHistory:
+        """Build it from (inserted_at, stopped_at or None if still open), epoch seconds.
+
+        `first_seen` is when the tracker's history starts (its oldest batch); without it
+        the oldest lifetime given is taken. Lifetimes wholly before the window are ignored.
+        """
+        since = now - window
+        recent_since = now - recent
+        arrivals = 0
+        open_seconds = 0.0
+        recent_open = 0.0
+        oldest = math.inf
+        for inserted, stopped in lifetimes:
+            if inserted < oldest:
+                oldest = inserted
+            end = now if stopped is None or stopped > now else stopped
+            if inserted > since:
+                arrivals += 1
+                open_seconds += max(0.0, end - inserted)
+            else:
+                open_seconds += max(0.0, end - since)
+            if end > recent_since:
+                recent_open += end - (inserted if inserted > recent_since else recent_since)
+        start = first_seen if first_seen is not None else oldest
+        span = min(window, max(0.0, now - start)) if math.isfinite(start) else 0.0
+        return cls(
+            span=span,
+            arrivals=arrivals,
+            open_seconds=open_seconds,
+            recent_span=min(recent, span),
+            recent_open_seconds=recent_open,
+        )
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """The call budget as the sweep sees it when it reschedules a batch."""
+
+    calls_left: int  # calls still allowed in the day window right now (limit - used)
+    day_limit: int
+    open_batches: int  # unfinished batches competing for the budget (including this one)
+    # Calls the day window gives back in each coming `slot` (soonest first); empty when
+    # unknown, and then nothing is assumed to come back before a whole window has passed.
+    releases: tuple[int, ...] = ()
+    slot: float = 3600.0
+    window: float = 86400.0
+    load: LoadHistory | None = None
+
+    @classmethod
+    def from_ledger(
+        cls,
+        ledger: QuotaLedger,
+        now: float,
+        *,
+        open_batches: int,
+        load: LoadHistory | None,
+        slot: float = 3600.0,
+    ) -> BudgetView:
+        """The view of a ledger's longest window (the day), e.g. a budget's snapshot."""
+        day = max(ledger.windows, key=lambda window: window.seconds)
+        buckets = ledger.usage.get(day.name, {})
+        return cls(
+            calls_left=max(day.limit - day.used(buckets, now), 0),
+            day_limit=day.limit,
+            open_batches=open_batches,
+            releases=releases_per_slot(day, buckets, now, slot=slot),
+            slot=slot,
+            window=day.seconds,
+            load=load,
+        )
+
+    def released_within(self, seconds: float) -> int:
+        """Calls surely given back within `seconds` (a slot counts once it has ended)."""
+        if seconds >= self.window:
+            return self.day_limit - self.calls_left
+        whole_slots = int(seconds // self.slot)
+        return sum(self.releases[:whole_slots])
+
+
+def releases_per_slot(
+    window: Window, buckets: Mapping[int, int], now: float, *, slot: float = 3600.0
+) -> tuple[int, ...]:
+    """Per coming slot, how many counted calls stop counting in `window` (a ledger's view).
+
+    Uses the same bucket arithmetic as the ledger: a bucket stops counting once the
+    widened window has moved past its end.
+    """
+    slots = max(1, math.ceil((window.seconds + window.margin + window.bucket) / slot))
+    released = [0] * slots
+    first = window.first_counted_bucket(now)
+    # A bucket stops counting at (bucket + 1) * width + seconds + margin; in slot units:
+    scale = window.bucket / slot
+    offset = (window.bucket + window.seconds + window.margin - now) / slot
+    last = slots - 1
+    for bucket, count in buckets.items():
+        if bucket < first or count <= 0:
+            continue
+        index = math.floor(bucket * scale + offset)
+        if index < 0:
+            index = 0
+        elif index > last:
+            index = last
+        released[index] += count
+    return tuple(released)
+
+
+def budget_interval(budget: BudgetView) -> float:
+    """The interval every open batch could be checked at within the budget (steps 1-3)."""
+    window = budget.window
+    load = budget.load
+    now_open = max(budget.open_batches, 1)
+    if load is None:
+        span, arrival_rate, busy = 0.0, 0.0, float(now_open)
+    else:
+        span = min(load.span, window)
+        covered = max(span, MIN_HISTORY)
+        arrival_rate = load.arrivals / covered
+        busy = max(load.open_seconds / covered, 1.0)
+        if load.recent_span >= MIN_HISTORY:
+            busy = max(busy, RECENT_WEIGHT * load.recent_open_seconds / load.recent_span)
+        # Young history says little: lean on what is open now until a day has been seen.
+        trust = span / window
+        busy = trust * busy + (1 - trust) * max(float(now_open), busy)
+
+    reserve = RESERVE_SHARE * budget.day_limit
+    burst_reserve = BURST_RESERVE_SHARE * budget.day_limit
+    # (horizon, batches to serve, calls available over the horizon)
+    horizons = [
+        (
+            window,
+            HEADROOM * busy,
+            budget.calls_left - reserve + budget.released_within(window),
+        ),
+        (
+            BURST_HORIZON,
+            float(now_open),
+            budget.calls_left - burst_reserve + budget.released_within(BURST_HORIZON),
+        ),
+    ]
+    if span < window:
+        until_refill = max(window - span, BURST_HORIZON)
+        horizons.append(
+            (
+                until_refill,
+                HEADROOM * busy,
+                budget.calls_left - reserve + budget.released_within(until_refill),
+            )
+        )
+    interval = 0.0
+    for horizon, batches, available in horizons:
+        # Arrivals are random: within an hour, allow for three standard deviations more.
+        expected = arrival_rate * horizon
+        arriving = expected + (
+            ARRIVAL_SPREAD * math.sqrt(expected) if horizon <= BURST_HORIZON else 0.0
+        )
+        for_checks = available - arriving
+        if for_checks <= 0:
+            return FORCED_CEILING
+        interval = max(interval, batches * horizon / for_checks)
+    return min(interval, FORCED_CEILING)
+
+
+def _weight(age: float, median: float) -> float:
+    """sqrt(hazard / peak hazard) of the assumed completion-time shape at `age`."""
+    if age <= 0:
+        return 0.0
+    x = age / median
+    z = math.log(x) / SHAPE_SIGMA
+    survival = 1.0 - _NORMAL.cdf(z)
+    if survival < 1e-12:
+        # Far in the tail pdf / survival loses all precision; the hazard tends to z / (sigma x).
+        return math.sqrt(z / (x * SHAPE_SIGMA) / HAZARD_PEAK)
+    hazard = _NORMAL.pdf(z) / (x * SHAPE_SIGMA) / survival
+    return math.sqrt(min(hazard / HAZARD_PEAK, 1.0))
+
+
+def _weighted_interval(age: float, weighted: float, median: float, ceiling: float) -> float:
+    """Seconds after `age` until the weight accumulated since reaches `weighted`."""
+    step = max(1.0, weighted / 40)
+    elapsed = 0.0
+    accumulated = 0.0
+    while accumulated < weighted and elapsed < ceiling:
+        accumulated += _weight(age + elapsed + step / 2, median) * step
+        elapsed += step
+    return min(elapsed, ceiling)
+
+
+def processing_delay(
+    policy: PollPolicy,
+    *,
+    age: float,
+    checks: int,
+    budget: BudgetView | None,
+    rng: random.Random,
+) -> float:
+    """Seconds until the next check of a batch that is still processing at `age` seconds."""
+    if budget is None:
+        # Imported here so that tracker.domain.policy can import this module.
+        from tracker.domain.policy import poll_delay
+
+        return poll_delay(policy, checks, rng)
+    interval = budget_interval(budget)
+    load = budget.load
+    # Shaping by age moves calls between batches; with room for every batch at the
+    # minimum interval there is nothing to move.
+    if (
+        interval > policy.min_interval
+        and load is not None
+        and load.open_seconds > 0 < load.arrivals
+    ):
+        mean_open = load.open_seconds / load.arrivals
+        median = mean_open / math.exp(SHAPE_SIGMA**2 / 2)
+        ceiling = max(policy.max_interval, interval)
+        interval = _weighted_interval(age, interval * MEAN_WEIGHT, median, ceiling)
+    interval *= rng.uniform(1 - JITTER, 1 + JITTER)
+    longest = max(policy.max_interval, min(interval, FORCED_CEILING))
+    return min(max(interval, policy.min_interval), longest)
