@@ -358,13 +358,15 @@ class Daemon:
         try:
             await self.stopped.wait()
         finally:
-            scheduler.shutdown(wait=False)
-            # The sweep winds itself down within the grace period; this only bounds a hang.
+            # No new ticks; the running one winds itself down within the grace period.
+            # Shutting the scheduler down now would cancel that tick mid-work, so it waits.
+            scheduler.pause()
             try:
                 await asyncio.wait_for(self._idle.wait(), self.sweeper.shutdown_grace + 10)
-            except TimeoutError:
+            except TimeoutError:  # only bounds a hang
                 if self._current is not None:
                     self._current.cancel()
+            scheduler.shutdown(wait=False)
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(signum)
         log.info("daemon.stopped")
