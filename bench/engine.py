@@ -1,0 +1,395 @@
+"""Engine throughput and CPU cost: `tracker sweep` against a bare HTTP loop, side by side.
+
+Throughput: N batches that are all complete, the simulator answering with 20 ms of latency,
+concurrency 32. The tracker's rate is status checks recorded per second: from the moment it
+has its token (its `api.authorized` log line) to the commit of the last check (the newest
+`ready` transition). Every check of a complete batch is followed, in the same worker slot,
+by the download of its small output file, so the sweep also did N downloads; a second row
+compares whole batches (check + download) with a bare loop doing the same two requests.
+
+CPU: the same with no latency. The sweep's own CPU (rusage of that child) minus the CPU of
+an identical sweep with nothing due (interpreter start, imports, migrations check), per
+recorded check; against a bare aiohttp client's CPU per request, in the same run.
+
+Run alone: `python bench/engine.py [--quick]`. `python bench/engine.py bare ...` is the
+bare client, run as its own process by the benchmark.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (
+    PYTHON,
+    TRACKER,
+    Figure,
+    authorize,
+    backends,
+    count_states,
+    database,
+    event_time,
+    fake_api,
+    format_table,
+    insert_batches,
+    log_events,
+    pg_admin_engine,
+    ratio_of,
+    run_measured,
+    say,
+    temp_dir,
+    tracker_env,
+)
+
+CONCURRENCY = 32
+LATENCY = 0.02
+# Output files this small are the CSV header alone. A bigger file costs the simulator a
+# template of 512 hashed rows per request_id (about 4 ms of its CPU), which made the
+# simulator, not the tracker, the limit of a sweep where every check downloads: a bare
+# check+download loop reached 110/s with 4 KiB files and 430/s with these. The tracker still
+# does every step of a download: request, stream, hash, fsync, rename, directory fsync.
+FILE_SIZE = 48
+THROUGHPUT_TARGET = 0.8
+CPU_TARGET = 3.0
+BARE_CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp", "tracker")
+
+
+# --------------------------------------------------------------------------- the bare client
+
+
+def _make_client(kind: str) -> Any:
+    import httpx
+
+    if kind == "httpx":
+        return httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=CONCURRENCY))
+    if kind == "httpx-aiohttp":
+        from httpx_aiohttp import AiohttpTransport
+
+        return httpx.AsyncClient(
+            timeout=30, transport=AiohttpTransport(limits=httpx.Limits(max_connections=100))
+        )
+    if kind == "tracker":
+        from tracker.deepvue import make_api_http_client
+
+        return make_api_http_client(30.0)
+    raise ValueError(kind)
+
+
+async def _bare_httpx(
+    kind: str, url: str, ids: list[str], concurrency: int, download: bool
+) -> dict[str, float]:
+    http = _make_client(kind)
+    files = _make_client("httpx") if download else None
+    async with http:
+        headers = await authorize(http, url)
+        queue = list(reversed(ids))
+
+        async def worker() -> None:
+            while queue:
+                request_id = queue.pop()
+                response = await http.get(
+                    f"{url}/v1/verification/batch-processing-status",
+                    params={"request_id": request_id},
+                    headers=headers,
+                )
+                body = json.loads(response.content)
+                file_url = body["data"]["batch_output_file_url"]
+                if download and file_url and files is not None:
+                    async with files.stream("GET", file_url) as answer:
+                        async for _ in answer.aiter_raw():
+                            pass
+
+        started, cpu = time.monotonic(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        result = {"seconds": time.monotonic() - started, "cpu": time.process_time() - cpu}
+    if files is not None:
+        await files.aclose()
+    return result
+
+
+async def _bare_aiohttp(
+    url: str, ids: list[str], concurrency: int, download: bool
+) -> dict[str, float]:
+    import aiohttp
+
+    connector = aiohttp.TCPConnector(limit=concurrency * (2 if download else 1))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        form = {"client_id": "demo-client", "client_secret": "demo-secret"}
+        async with session.post(f"{url}/v1/authorize", data=form) as response:
+            token = (await response.json())["access_token"]
+        headers = {"Authorization": f"Bearer {token}", "x-api-key": "demo-secret"}
+        queue = list(reversed(ids))
+
+        async def worker() -> None:
+            while queue:
+                request_id = queue.pop()
+                async with session.get(
+                    f"{url}/v1/verification/batch-processing-status",
+                    params={"request_id": request_id},
+                    headers=headers,
+                ) as response:
+                    body = json.loads(await response.read())
+                file_url = body["data"]["batch_output_file_url"]
+                if download and file_url:
+                    async with session.get(file_url) as answer:
+                        async for _ in answer.content.iter_chunked(1 << 16):
+                            pass
+
+        started, cpu = time.monotonic(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        return {"seconds": time.monotonic() - started, "cpu": time.process_time() - cpu}
+
+
+def bare_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="engine.py bare")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--client", choices=BARE_CLIENTS, default="aiohttp")
+    parser.add_argument("--count", type=int, required=True)
+    parser.add_argument("--prefix", default="bench-")
+    parser.add_argument("--concurrency", type=int, default=CONCURRENCY)
+    parser.add_argument("--download", action="store_true")
+    args = parser.parse_args(argv)
+    ids = [f"{args.prefix}{i:07d}" for i in range(args.count)]
+    if args.client == "aiohttp":
+        result = asyncio.run(_bare_aiohttp(args.url, ids, args.concurrency, args.download))
+    else:
+        result = asyncio.run(
+            _bare_httpx(args.client, args.url, ids, args.concurrency, args.download)
+        )
+    print(json.dumps(result))
+    return 0
+
+
+def run_bare(
+    url: str, count: int, *, client: str = "aiohttp", prefix: str, download: bool = False
+) -> dict[str, float]:
+    command = [PYTHON, str(Path(__file__).resolve()), "bare", "--url", url, "--client", client]
+    command += ["--count", str(count), "--prefix", prefix, "--concurrency", str(CONCURRENCY)]
+    if download:
+        command.append("--download")
+    output = subprocess.run(command, capture_output=True, text=True, timeout=600, check=True)
+    result: dict[str, float] = json.loads(output.stdout.strip().splitlines()[-1])
+    return result
+
+
+# --------------------------------------------------------------------------- the tracker
+
+
+def run_sweep(
+    url: str, api_url: str, directory: Path, tag: str
+) -> tuple[Any, list[dict[str, Any]]]:
+    out_dir = directory / f"out-{tag}"
+    log_path = directory / f"sweep-{tag}.log"
+    env = tracker_env(url, api_url, out_dir, TRACKER_CONCURRENCY=str(CONCURRENCY))
+    with log_path.open("w") as log_file:
+        finished = run_measured(
+            [*TRACKER, "sweep"], env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    if finished.returncode != 0:
+        raise RuntimeError(f"tracker sweep exited {finished.returncode}; see {log_path}")
+    return finished, log_events(log_path)
+
+
+def recorded_window(url: str, to_state: str) -> tuple[int, float | None]:
+    """How many transitions to `to_state`, and when the last one committed (epoch seconds)."""
+    from tracker.db import create_engine_for
+    from tracker.schema import transitions
+
+    engine = create_engine_for(url)
+    try:
+        with engine.begin() as connection:
+            count, last = connection.execute(
+                sa.select(sa.func.count(), sa.func.max(transitions.c.at)).where(
+                    transitions.c.to_state == to_state
+                )
+            ).one()
+    finally:
+        engine.dispose()
+    return int(count), (None if last is None else last.timestamp())
+
+
+def authorized_at(events: list[dict[str, Any]]) -> float:
+    for event in events:
+        if event.get("event") == "api.authorized":
+            return event_time(event)
+    raise RuntimeError("the sweep never logged api.authorized")
+
+
+def throughput_figures(backend: str, admin: sa.Engine | None, count: int) -> list[Figure]:
+    prefix = f"tp{backend[:2]}-"
+    ids = [f"{prefix}{i:07d}" for i in range(count)]
+    with (
+        temp_dir() as directory,
+        fake_api(
+            "--latency", str(LATENCY), "--completion-delay", "0", "--file-size", str(FILE_SIZE)
+        ) as api,
+        database(backend, admin, directory) as url,
+    ):
+        insert_batches(url, ids)
+        say(f"engine/{backend}: tracker sweep over {count} complete batches, 20 ms latency")
+        finished, events = run_sweep(url, api.url, directory, "throughput")
+        start = authorized_at(events)
+        checks, last_check = recorded_window(url, "ready")
+        done, last_done = recorded_window(url, "downloaded")
+        states = count_states(url)
+        assert last_check is not None
+        assert last_done is not None
+        tracker_rate = checks / (last_check - start)
+        batch_rate = done / (last_done - start)
+        say(f"engine/{backend}: bare aiohttp loops over the same answers")
+        api.reset()
+        bare = run_bare(api.url, count, prefix=prefix)
+        api.reset()
+        bare_dl = run_bare(api.url, count, prefix=prefix, download=True)
+    ceiling = count / bare["seconds"]
+    ceiling_dl = count / bare_dl["seconds"]
+    what = (
+        f"the sweep recorded {checks} checks and downloaded {done} files of {FILE_SIZE} B, "
+        f"states {states}, wall {finished.wall:.1f} s incl. start-up"
+    )
+    ratio = ratio_of(tracker_rate, ceiling)
+    ratio_dl = ratio_of(batch_rate, ceiling_dl)
+    return [
+        Figure(
+            f"engine: checks recorded/s, {backend}, {count} complete, c={CONCURRENCY}, 20 ms",
+            tracker_rate,
+            ceiling,
+            "/s",
+            "/s bare aiohttp status loop",
+            ratio,
+            f">= {THROUGHPUT_TARGET}",
+            ratio is not None and ratio >= THROUGHPUT_TARGET,
+            note=what,
+        ),
+        Figure(
+            f"engine: batches checked+downloaded/s, {backend} (info)",
+            batch_rate,
+            ceiling_dl,
+            "/s",
+            "/s bare aiohttp status+file loop",
+            ratio_dl,
+            "info",
+            None,
+            note="whole batches: the check plus its file, against a bare loop doing both",
+        ),
+    ]
+
+
+def cpu_figures(
+    backend: str, admin: sa.Engine | None, count: int, bare_cpu: float, *, quick: bool
+) -> list[Figure]:
+    """CPU per recorded check with no latency; `bare_cpu` is the bare client's per request."""
+    figures = []
+    kinds = [(f"complete (check + {FILE_SIZE} B file)", "0")]
+    if not quick:
+        kinds.append(("in progress (check only)", "3600"))
+    for label, delay in kinds:
+        prefix = f"cpu{backend[:2]}{delay[:1]}-"
+        ids = [f"{prefix}{i:07d}" for i in range(count)]
+        with (
+            temp_dir() as directory,
+            fake_api("--completion-delay", delay, "--file-size", str(FILE_SIZE)) as api,
+            database(backend, admin, directory) as url,
+        ):
+            say(f"engine/{backend}: CPU of an empty sweep, then of {count} {label}")
+            empty, _ = run_sweep(url, api.url, directory, "empty")
+            insert_batches(url, ids)
+            full, _ = run_sweep(url, api.url, directory, "full")
+            checks, _ = recorded_window(url, "ready" if delay == "0" else "processing")
+        per_check = (full.cpu - empty.cpu) / max(checks, 1)
+        ratio = ratio_of(per_check, bare_cpu)
+        main_figure = delay == "0"
+        figures.append(
+            Figure(
+                f"engine: CPU per recorded check, {backend}, {label}, no latency"
+                + ("" if main_figure else " (info)"),
+                per_check * 1000,
+                bare_cpu * 1000,
+                "ms",
+                "ms bare aiohttp/request",
+                ratio,
+                f"<= {CPU_TARGET:g}" if main_figure else "info",
+                (ratio is not None and ratio <= CPU_TARGET) if main_figure else None,
+                note=f"sweep CPU {full.cpu:.2f} s - empty sweep {empty.cpu:.2f} s, over {checks} checks",
+            )
+        )
+    return figures
+
+
+def client_figures(count: int, *, quick: bool) -> tuple[float, list[Figure]]:
+    """CPU per request of the bare clients (aiohttp is the baseline), no latency."""
+    per_request: dict[str, float] = {}
+    with fake_api("--completion-delay", "3600") as api:
+        for client in BARE_CLIENTS[:1] if quick else BARE_CLIENTS:
+            api.reset()
+            result = run_bare(api.url, count, client=client, prefix="cl-")
+            per_request[client] = result["cpu"] / count
+    base = per_request["aiohttp"]
+    figures = [
+        Figure(
+            f"http client: CPU/request, {client} (info)",
+            per_request[client] * 1000,
+            base * 1000,
+            "ms",
+            "ms bare aiohttp",
+            ratio_of(per_request[client], base),
+            "info",
+            None,
+            note="tracker = tracker.deepvue.make_api_http_client" if client == "tracker" else "",
+        )
+        for client in per_request
+        if client != "aiohttp"
+    ]
+    return base, figures
+
+
+def run(quick: bool) -> list[Figure]:
+    count = 400 if quick else 5000
+    admin = pg_admin_engine()
+    figures: list[Figure] = []
+    try:
+        bare_cpu, client_rows = client_figures(count, quick=quick)
+        for backend in backends(admin):
+            figures += throughput_figures(backend, admin, count)
+        for backend in backends(admin):
+            figures += cpu_figures(backend, admin, count, bare_cpu, quick=quick)
+        figures += client_rows
+        if admin is None:
+            from common import skipped
+
+            figures.append(
+                skipped("engine: PostgreSQL figures", ">= 0.8 / <= 3", "no PostgreSQL answered")
+            )
+    finally:
+        if admin is not None:
+            admin.dispose()
+    return figures
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["bare"]:
+        return bare_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="engine.py")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    figures = run(args.quick)
+    print(format_table(figures))
+    for figure in figures:
+        if figure.note:
+            print(f"- {figure.name}: {figure.note}")
+    return 0 if all(f.met is not False for f in figures) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
