@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 import structlog
@@ -28,11 +29,13 @@ from tracker.download import Downloader, make_download_http_client
 from tracker.health import health_problem
 from tracker.listen import listen_for_new_batches
 from tracker.logs import SecretScrubber
-from tracker.metrics import Metrics, start_metrics_server
 from tracker.notify import Notifier
 from tracker.settings import Settings
 from tracker.store import Store
 from tracker.sweep import Sweeper
+
+if TYPE_CHECKING:
+    from tracker.metrics import Metrics
 
 log = structlog.get_logger("tracker.daemon")
 
@@ -409,7 +412,12 @@ async def run_service(
         if not await _until_database_answers(engine, early_stop):
             return
         store = Store(engine, final_hook=settings.on_final is not None)
-        metrics = Metrics() if settings.metrics_addr else None
+        metrics = None
+        if settings.metrics_addr:
+            # Imported only when asked for: prometheus_client and aiohttp.web cost memory.
+            from tracker.metrics import Metrics
+
+            metrics = Metrics()
         async with open_sweeper(
             settings, store, scrubber, policy=policy, metrics=metrics
         ) as sweeper:
@@ -437,15 +445,15 @@ async def run_service(
                         listen_for_new_batches(settings.database_url, daemon.wake, daemon.stopped)
                     )
                 )
-            metrics_server = (
-                await start_metrics_server(
+            metrics_server = None
+            if metrics is not None and settings.metrics_addr:
+                from tracker.metrics import start_metrics_server
+
+                metrics_server = await start_metrics_server(
                     settings.metrics_addr,
                     metrics,
                     lambda: asyncio.to_thread(health_problem, settings),
                 )
-                if metrics is not None and settings.metrics_addr
-                else None
-            )
             try:
                 await daemon.run()
             finally:
