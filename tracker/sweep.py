@@ -378,9 +378,9 @@ class Sweeper:
         stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
         if self.metrics is not None:
             self.metrics.observe_download(fetched.size, time.monotonic() - started)
+        # The downloader has logged download.done; the transition line follows from _write.
         if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
             report.downloaded += 1
-            bound.info("batch.downloaded", path=str(fetched.path), size=fetched.size)
 
     async def _write(
         self, report: SweepReport, bound: structlog.BoundLogger, write: BatchWrite
