@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -193,7 +194,10 @@ class Downloader:
     def remove_temp_files(self, request_id: str) -> None:
         """Remove leftovers of an earlier fetch of this batch (crash, kill -9)."""
         for extension in OUTPUT_EXTENSIONS:
-            self._temp_path(request_id, extension).unlink(missing_ok=True)
+            # A fetch still running elsewhere (a paused old owner) keeps writing to its open
+            # file; removing the name only makes its own publish fail, and it is fenced anyway.
+            for stale in self._output_dir.glob(f".{request_id}.{extension}.*part"):
+                stale.unlink(missing_ok=True)
 
     async def fetch(
         self,
@@ -255,7 +259,9 @@ class Downloader:
     def _temp_path(self, request_id: str, extension: str) -> Path:
         # Hidden, and named after the final file, so a stale one is easy to find and
         # nothing scanning for "*.csv" picks up a partial file.
-        return self._inside_output_dir(f".{request_id}.{extension}.part")
+        # Unique per fetch: a paused old owner waking up must never touch (or remove) the
+        # temp file of the instance that took the batch over.
+        return self._inside_output_dir(f".{request_id}.{extension}.{uuid.uuid4().hex[:12]}.part")
 
     def _inside_output_dir(self, name: str) -> Path:
         # The caller validates request_id; this is defence in depth against a name
@@ -321,9 +327,9 @@ class Downloader:
             with _classify_os_errors(f"flushing {temp.name} in {self._output_dir}"):
                 # fsync can take long on a big file; keep the event loop responsive.
                 await asyncio.to_thread(os.fsync, fd)
+                on_disk = os.fstat(fd).st_size
                 os.close(fd)
                 fd = -1
-                on_disk = os.stat(temp).st_size
             if on_disk != progress.size:
                 raise DownloadInterrupted(
                     f"length mismatch: wrote {progress.size} bytes, {on_disk} on disk"
@@ -466,7 +472,7 @@ class Downloader:
             raise DownloadInterrupted(f"file host answered unexpected {status} for {shown}")
 
         try:
-            async for chunk in response.aiter_raw(self._chunk_size):
+            async for chunk in response.aiter_raw():
                 if progress.total is not None and progress.size + len(chunk) > progress.total:
                     raise DownloadInterrupted(
                         f"length mismatch: server sent more than {progress.total} bytes"

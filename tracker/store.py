@@ -434,6 +434,15 @@ class Store:
                 == 1
             )
 
+    def release_owned(self, owner: str) -> int:
+        """Hand back every lease `owner` holds; only when none of its work is in flight."""
+        with self.engine.begin() as connection:
+            return connection.execute(
+                batches.update()
+                .where(batches.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            ).rowcount
+
     def release(self, claimed: Sequence[Tracked]) -> int:
         """Hand batches back untouched (shutdown, service-wide auth failure)."""
         if not claimed:

@@ -180,6 +180,7 @@ class Sweeper:
         # the daemon can tell a long but healthy sweep from a wedged one.
         self.progress = 0
         self._commit = GroupCommit(store, clock)
+        self._orphaned_leases = False
         self._auth_backoff = 0.0
 
     async def sweep(self) -> SweepReport:
@@ -188,6 +189,14 @@ class Sweeper:
         Claims happen in small bites as worker slots free up, never more than the rate
         limit lets start now, so no batch sits leased while waiting for quota.
         """
+        if self._orphaned_leases:
+            # An earlier sweep lost the database while holding leases; sweeps never overlap,
+            # so none of that work is in flight now: hand them back instead of waiting out
+            # the lease (TRACKER_LEASE_DURATION, 5 minutes by default).
+            released = await asyncio.to_thread(self.store.release_owned, self.owner)
+            self._orphaned_leases = False
+            if released:
+                log.warning("sweep.released_orphaned_leases", batches=released)
         report = SweepReport()
         self._view = await self._budget_view()
         running: dict[asyncio.Task[None], Tracked] = {}
@@ -234,10 +243,14 @@ class Sweeper:
                         continue
                     report.errors += 1
                     if isinstance(error, sa.exc.DBAPIError):
+                        self._orphaned_leases = True
                         # The batch's lease expires and it is looked at again later.
                         log.error("db.write_failed", error=describe_db_error(error))
                     else:
                         log.error("sweep.worker_crashed", exc_info=error)
+        except BaseException:
+            self._orphaned_leases = True
+            raise
         finally:
             if running:  # cancelled from outside: hand the rest back
                 await self._wind_down(running, grace=0.0)
@@ -348,13 +361,33 @@ class Sweeper:
     ) -> None:
         async def still_owner() -> bool:
             self.progress += 1
-            return await asyncio.to_thread(
-                self.store.extend_lease, batch, self.lease_seconds, self.clock()
-            )
+            give_up_at = time.monotonic() + self.lease_seconds
+            delay = 0.5
+            while True:
+                try:
+                    return await asyncio.to_thread(
+                        self.store.extend_lease, batch, self.lease_seconds, self.clock()
+                    )
+                except sa.exc.OperationalError as error:
+                    if time.monotonic() + delay > give_up_at:
+                        return False  # our lease has run out meanwhile: assume it is lost
+                    bound.warning(
+                        "db.unreachable",
+                        during="lease keep-alive",
+                        retry_in=delay,
+                        error=describe_db_error(error),
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
 
         started = time.monotonic()
         try:
-            fetched = await self.downloader.fetch(url, batch.request_id, keep_alive=still_owner)
+            fetched = await self.downloader.fetch(
+                url,
+                batch.request_id,
+                keep_alive=still_owner,
+                keep_alive_every=self.lease_seconds / 3,
+            )
         except OwnershipLost:
             report.conflicts += 1
             bound.warning("download.ownership_lost")
