@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -141,7 +141,6 @@ class SweepReport:
     conflicts: int = 0
     errors: int = 0
     auth_failed: bool = False
-    states: dict[str, int] = field(default_factory=dict)
 
 
 class Sweeper:
