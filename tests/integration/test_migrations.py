@@ -78,3 +78,18 @@ def test_sqlite_never_reuses_batch_ids(sqlite_url: str) -> None:
         new_id = connection.execute(sa.text("SELECT id FROM tracker_batches")).scalar_one()
     engine.dispose()
     assert new_id == 2
+
+
+def test_schema_head_constant_names_the_newest_migration(empty_url: str) -> None:
+    from alembic.script import ScriptDirectory
+
+    from tracker.db import SCHEMA_HEAD, _alembic_config, schema_is_current
+
+    engine = create_engine_for(empty_url)
+    with engine.connect() as connection:
+        heads = ScriptDirectory.from_config(_alembic_config(connection)).get_heads()
+    assert heads == [SCHEMA_HEAD]
+    assert not schema_is_current(engine)
+    upgrade_database(engine)
+    assert schema_is_current(engine)
+    engine.dispose()
