@@ -6,6 +6,7 @@ loopback only, and cleans up after itself (temp dirs, `bench_*` PostgreSQL datab
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -531,3 +532,20 @@ def running_daemon(env: dict[str, str], log_path: Path) -> Iterator[RunningDaemo
     finally:
         if daemon.process.returncode is None:
             daemon.stop()
+
+
+def run_alone(
+    prog: str, run: Callable[[bool], Sequence[Figure]], argv: list[str], description: str = ""
+) -> int:
+    """`main()` of a benchmark module run on its own: figures, notes, exit 1 if a target is missed."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or None)
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, a quick look")
+    args = parser.parse_args(argv)
+    figures = run(args.quick)
+    print(format_table(figures))
+    for figure in figures:
+        if figure.note:
+            print(f"- {figure.name}: {figure.note}")
+        for line in figure.details:
+            print(f"    {line}")
+    return 0 if all(figure.met is not False for figure in figures) else 1

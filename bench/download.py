@@ -13,7 +13,6 @@ Run alone: `python bench/download.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import subprocess
@@ -28,11 +27,11 @@ from common import (
     MIB,
     Figure,
     fake_api,
-    format_table,
     imports_peak_rss,
     insert_batches,
     median,
     ratio_of,
+    run_alone,
     running_daemon,
     say,
     sqlite_database,
@@ -181,15 +180,7 @@ def bare_interpreter_rss() -> int:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="download.py")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        if figure.note:
-            print(f"- {figure.name}: {figure.note}")
-    return 0 if all(f.met is not False for f in figures) else 1
+    return run_alone("download.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,11 @@ from common import (
     database,
     event_time,
     fake_api,
-    format_table,
     insert_batches,
     log_events,
     pg_admin_engine,
     ratio_of,
+    run_alone,
     run_measured,
     say,
     temp_dir,
@@ -380,15 +380,7 @@ def run(quick: bool) -> list[Figure]:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["bare"]:
         return bare_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="engine.py")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        if figure.note:
-            print(f"- {figure.name}: {figure.note}")
-    return 0 if all(f.met is not False for f in figures) else 1
+    return run_alone("engine.py", run, argv)
 
 
 if __name__ == "__main__":

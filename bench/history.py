@@ -11,7 +11,6 @@ Run alone: `python bench/history.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from collections.abc import Iterator
@@ -28,10 +27,10 @@ from common import (
     Figure,
     backends,
     database,
-    format_table,
     median,
     pg_admin_engine,
     ratio_of,
+    run_alone,
     say,
     temp_dir,
     utcnow,
@@ -230,16 +229,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="history.py")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        print(f"- {figure.name}: {figure.note}")
-        for line in figure.details:
-            print(f"    {line}")
-    return 0 if all(f.met is not False for f in figures) else 1
+    return run_alone("history.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ Run alone: `python bench/idle.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from contextlib import ExitStack
@@ -31,12 +30,12 @@ from common import (
     backends,
     database,
     fake_api,
-    format_table,
     imports_peak_rss,
     insert_batches,
     median,
     pg_admin_engine,
     ratio_of,
+    run_alone,
     run_measured,
     running_daemon,
     sample_process,
@@ -160,15 +159,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="idle.py")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        if figure.note:
-            print(f"- {figure.name}: {figure.note}")
-    return 0 if all(f.met is not False for f in figures) else 1
+    return run_alone("idle.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run alone: `python bench/pickup.py [--quick]`.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 import time
@@ -29,9 +28,9 @@ from common import (
     Figure,
     database,
     fake_api,
-    format_table,
     median,
     pg_admin_engine,
+    run_alone,
     running_daemon,
     say,
     skipped,
@@ -126,15 +125,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="pickup.py")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        if figure.note:
-            print(f"- {figure.name}: {figure.note}")
-    return 0 if all(f.met is not False for f in figures) else 1
+    return run_alone("pickup.py", run, argv)
 
 
 if __name__ == "__main__":

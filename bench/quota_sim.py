@@ -29,7 +29,6 @@ Run alone: `python bench/quota_sim.py [--quick]`; exit status 1 when a target is
 
 from __future__ import annotations
 
-import argparse
 import heapq
 import itertools
 import math
@@ -44,7 +43,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import Figure, format_table, ratio_of, say
+from common import Figure, ratio_of, run_alone, say
 
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
@@ -451,15 +450,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="quota_sim.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a few seeds (seconds)")
-    args = parser.parse_args(argv)
-    figures = run(args.quick)
-    print(format_table(figures))
-    for figure in figures:
-        if figure.note:
-            print(f"- {figure.name}: {figure.note}")
-    return 0 if all(figure.met is not False for figure in figures) else 1
+    return run_alone("quota_sim.py", run, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
