@@ -64,6 +64,22 @@ class DatabaseBudget:
         self._engine = engine
         self._windows = tuple(windows)
         self._postgres = engine.dialect.name == "postgresql"
+        # Built once: a reservation runs these for every claim, and building and
+        # cache-keying fresh statements cost more CPU than running them.
+        usage = quota_usage.c
+        self._usage_query = sa.select(usage.bucket, usage.used).where(
+            usage.window_name == sa.bindparam("window_name"),
+            usage.bucket >= sa.bindparam("first_bucket"),
+        )
+        insert = (postgresql.insert if self._postgres else sqlite.insert)(quota_usage)
+        self._count_usage = insert.on_conflict_do_update(
+            index_elements=["window_name", "bucket"],
+            set_={"used": usage.used + insert.excluded.used},
+        )
+        self._forget_usage = quota_usage.delete().where(
+            usage.window_name == sa.bindparam("window_name"),
+            usage.bucket < sa.bindparam("first_bucket"),
+        )
 
     async def reserve(self, want: int) -> Grant:
         return await asyncio.to_thread(self.reserve_now, want)
@@ -121,34 +137,23 @@ class DatabaseBudget:
             ledger.paused_until = paused_until
         for window in self._windows:
             rows = connection.execute(
-                sa.select(quota_usage.c.bucket, quota_usage.c.used).where(
-                    quota_usage.c.window_name == window.name,
-                    quota_usage.c.bucket >= window.first_counted_bucket(now),
-                )
+                self._usage_query,
+                {"window_name": window.name, "first_bucket": window.first_counted_bucket(now)},
             )
             ledger.usage[window.name] = {bucket: used for bucket, used in rows}
         return ledger, now
 
     def _count(self, connection: sa.Connection, grant: Grant) -> None:
-        insert = postgresql.insert if self._postgres else sqlite.insert
         for name, bucket in grant.buckets:
-            statement = insert(quota_usage).values(
-                window_name=name, bucket=bucket, used=grant.granted
-            )
             connection.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["window_name", "bucket"],
-                    set_={"used": quota_usage.c.used + statement.excluded.used},
-                )
+                self._count_usage, {"window_name": name, "bucket": bucket, "used": grant.granted}
             )
 
     def _forget_old(self, connection: sa.Connection, now: float) -> None:
         for window in self._windows:
             connection.execute(
-                quota_usage.delete().where(
-                    quota_usage.c.window_name == window.name,
-                    quota_usage.c.bucket < window.first_counted_bucket(now),
-                )
+                self._forget_usage,
+                {"window_name": window.name, "first_bucket": window.first_counted_bucket(now)},
             )
 
     def _release(self, grant: Grant, unused: int) -> None:

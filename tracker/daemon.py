@@ -22,7 +22,7 @@ import structlog
 
 from tracker.budget import DatabaseBudget
 from tracker.db import create_engine_for, describe_db_error, upgrade_database
-from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client
+from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client, make_api_transport
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
@@ -73,8 +73,9 @@ async def open_sweeper(
             plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
         )
     )
+    api_transport = make_api_transport()
     async with (
-        make_api_http_client(settings.http_timeout) as api_http,
+        make_api_http_client(settings.http_timeout, api_transport) as api_http,
         # A separate client for the file host: it must never carry the API's credentials.
         make_download_http_client(settings.http_timeout) as download_http,
     ):
@@ -84,6 +85,7 @@ async def open_sweeper(
             client_id=settings.client_id or "",
             read_secret=read_secret,
             throttle=throttle,
+            status_transport=api_transport,
         )
         downloader = Downloader(
             download_http,
@@ -99,6 +101,7 @@ async def open_sweeper(
             policy=policy or settings.poll_policy,
             owner=instance_name(),
             concurrency=settings.concurrency,
+            download_concurrency=settings.download_concurrency,
             lease_seconds=settings.lease_duration,
             shutdown_grace=settings.shutdown_grace,
             metrics=metrics,

@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import httpx
 import structlog
@@ -39,12 +40,20 @@ if TYPE_CHECKING:
     from tracker.budget import Budget
     from tracker.domain.quota import Grant
 
-__all__ = ["AuthFailed", "DeepvueClient", "SubmitFailed", "Throttle", "make_api_http_client"]
+__all__ = [
+    "AuthFailed",
+    "DeepvueClient",
+    "SubmitFailed",
+    "Throttle",
+    "make_api_http_client",
+    "make_api_transport",
+]
 
 _log = structlog.get_logger(__name__)
 
 AUTHORIZE_PATH = "/v1/authorize"
 STATUS_PATH = "/v1/verification/batch-processing-status"
+USER_AGENT = f"deepvue-batch-tracker/{__version__}"
 UPI_BATCH_PATH = "/v1/verification/upi-basic/batch"
 
 # Deepvue tokens live 24 hours; when the answer gives no usable expiry, assume a bit less.
@@ -220,9 +229,18 @@ class DeepvueClient:
         throttle: Throttle,
         utcnow: Callable[[], datetime] = lambda: datetime.now(UTC),
         refresh_margin: float = 300.0,
+        status_transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        """`status_transport`, when given, carries the status calls straight to the wire,
+        without `http`'s per-request machinery (auth flow, redirect handling, cookies, event
+        hooks): about 40 % of the CPU of a status call (bench/engine.py), and the status
+        call is the one made thousands of times. Pass the transport `http` itself uses.
+        """
         self._http = http
+        self._status_transport = status_transport
+        self._timeout = http.timeout.as_dict()
         self._base_url = base_url.rstrip("/")
+        self._status_url = f"{self._base_url}{STATUS_PATH}?request_id="
         self._client_id = client_id
         self._read_secret = read_secret
         self._throttle = throttle
@@ -329,12 +347,18 @@ class DeepvueClient:
 
     async def _status_call(self, request_id: str, token: _Token) -> StatusAnswer:
         await self._throttle.acquire()
+        request = httpx.Request(
+            "GET",
+            self._status_url + quote(request_id, safe=""),
+            headers={
+                "User-Agent": USER_AGENT,
+                "Authorization": f"Bearer {token.value}",
+                "x-api-key": self._secret,
+            },
+            extensions={"timeout": self._timeout},
+        )
         try:
-            response = await self._http.get(
-                f"{self._base_url}{STATUS_PATH}",
-                params={"request_id": request_id},
-                headers={"Authorization": f"Bearer {token.value}", "x-api-key": self._secret},
-            )
+            response = await self._send_status(request)
         except httpx.RequestError as exc:  # timeouts, connection and protocol errors
             return classify_transport_error(self._describe(exc))
         answer = classify_status(
@@ -344,6 +368,16 @@ class DeepvueClient:
             now=self._utcnow(),
         )
         return self._scrub_answer(answer)
+
+    async def _send_status(self, request: httpx.Request) -> httpx.Response:
+        if self._status_transport is None:
+            return await self._http.send(request)
+        response = await self._status_transport.handle_async_request(request)
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+        return response
 
     async def _after_answer(self, answer: StatusAnswer, request_id: str) -> StatusAnswer:
         """Service-wide bookkeeping of an answer: 429s slow down every call of the process."""
@@ -570,19 +604,19 @@ def _json_object(raw: str) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
-def make_api_http_client(timeout: float) -> httpx.AsyncClient:
-    """The http client for Deepvue API calls (never for downloads: it carries no API
-    headers itself, but its requests do, and redirects would forward `x-api-key`).
+def make_api_transport() -> httpx.AsyncBaseTransport:
+    """The transport for Deepvue API calls: httpx's API over aiohttp's connection pool.
+
+    Measured by bench/engine.py at about a quarter of the CPU per call of httpx's own pool
+    (httpcore), whose per-request cost grows with the number of open connections.
     """
     import urllib.request
 
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
-    # httpx's API over aiohttp's connection pool: measured by bench/engine.py at about a
-    # quarter of the CPU per call of httpx's own pool (httpcore), whose per-request cost
-    # grows with the number of open connections. At most 100 connections, more than any
-    # sane TRACKER_CONCURRENCY needs; idle ones are kept, so each worker reuses its own.
+    # At most 100 connections, more than any sane TRACKER_CONCURRENCY needs; idle ones
+    # are kept, so each worker reuses its own.
     def open_session() -> aiohttp.ClientSession:
         # Called on the first request, inside the event loop that uses the session.
         return aiohttp.ClientSession(
@@ -597,11 +631,22 @@ def make_api_http_client(timeout: float) -> httpx.AsyncClient:
         )
 
     transport = AiohttpTransport(client=open_session)
+    return transport
+
+
+def make_api_http_client(
+    timeout: float, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """The http client for Deepvue API calls (never for downloads: it carries no API
+    headers itself, but its requests do, and redirects would forward `x-api-key`).
+
+    It owns `transport` (a new `make_api_transport()` when None) and closes it.
+    """
     return httpx.AsyncClient(
         timeout=httpx.Timeout(timeout),
         # httpx forwards custom headers such as x-api-key across origins on redirect; the
         # status API has no reason to redirect, so a 3xx is classified, never followed.
         follow_redirects=False,
-        headers={"User-Agent": f"deepvue-batch-tracker/{__version__}"},
-        transport=transport,
+        headers={"User-Agent": USER_AGENT},
+        transport=transport or make_api_transport(),
     )

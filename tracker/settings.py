@@ -124,6 +124,7 @@ class Settings:
     rate_per_minute: int = PLANS["starter"][1]
     rate_per_day: int = PLANS["starter"][2]
     concurrency: int = 8
+    download_concurrency: int = 4
     http_timeout: float = 30.0
     download_allowed_hosts: tuple[str, ...] = ("*.amazonaws.com",)
     download_deadline: float = 3600.0
@@ -187,6 +188,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "rate_per_minute": _count,
     "rate_per_day": _count,
     "concurrency": _count,
+    "download_concurrency": _count,
     "http_timeout": _duration,
     "download_allowed_hosts": _host_patterns,
     "download_deadline": _duration,

@@ -13,9 +13,9 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
@@ -43,7 +43,7 @@ from tracker.download import (
     OwnershipLost,
     UrlExpired,
 )
-from tracker.store import BatchWrite, Store, StoredFile
+from tracker.store import BatchWrite, LeaseExtension, Store, StoredFile
 
 if TYPE_CHECKING:
     from tracker.metrics import Metrics
@@ -59,7 +59,8 @@ def utcnow() -> datetime:
 
 
 class GroupCommit:
-    """Writes from concurrent workers, committed together while the previous commit runs.
+    """Writes (and lease keep-alives) from concurrent workers, committed together while the
+    previous commit runs.
 
     A worker awaits its own write and learns whether it still held its lease. While one
     transaction is in flight the next writes queue up and go in the following one, so
@@ -83,10 +84,10 @@ class GroupCommit:
         self._clock = clock
         self._max_group = max_group
         self._outage_patience = outage_patience
-        self._queue: list[tuple[BatchWrite, asyncio.Future[bool]]] = []
+        self._queue: list[tuple[BatchWrite | LeaseExtension, asyncio.Future[bool]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
-    async def write(self, write: BatchWrite) -> bool:
+    async def write(self, write: BatchWrite | LeaseExtension) -> bool:
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queue.append((write, future))
         if self._flusher is None or self._flusher.done():
@@ -108,7 +109,7 @@ class GroupCommit:
                 if not future.done():
                     future.set_result(ok)
 
-    async def _apply_with_retry(self, writes: list[BatchWrite]) -> list[bool]:
+    async def _apply_with_retry(self, writes: list[BatchWrite | LeaseExtension]) -> list[bool]:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._outage_patience
         delay = 0.5
@@ -130,6 +131,50 @@ class GroupCommit:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+@dataclass(frozen=True)
+class _Download:
+    """A checked batch whose file is to be fetched now; it holds a download slot."""
+
+    batch: Tracked
+    url: str
+    log: structlog.BoundLogger
+    # An earlier fetch of this batch may have been killed and left a temp file behind.
+    leftovers_possible: bool
+
+
+@dataclass
+class _InFlight:
+    """The tasks of one sweep: checks (each holds a worker slot) and downloads."""
+
+    checking: dict[asyncio.Task[_Download | None], Tracked] = field(default_factory=dict)
+    downloading: dict[asyncio.Task[None], Tracked] = field(default_factory=dict)
+
+    def any(self) -> bool:
+        return bool(self.checking or self.downloading)
+
+    def tasks(self) -> list[asyncio.Task[Any]]:
+        return [*self.checking, *self.downloading]
+
+    def items(self) -> list[tuple[asyncio.Task[Any], Tracked]]:
+        return [*self.checking.items(), *self.downloading.items()]
+
+    def finished(self, task: asyncio.Task[Any]) -> _Download | BaseException | None:
+        """Forget a task that is done; what it left: a download to start, an error, or None."""
+        self.checking.pop(task, None)
+        self.downloading.pop(task, None)
+        if task.cancelled():
+            return None
+        error = task.exception()
+        if error is not None:
+            return error
+        result = task.result()
+        return result if isinstance(result, _Download) else None
+
+    def clear(self) -> None:
+        self.checking.clear()
+        self.downloading.clear()
 
 
 @dataclass
@@ -154,6 +199,7 @@ class Sweeper:
         owner: str,
         concurrency: int,
         lease_seconds: float,
+        download_concurrency: int | None = None,
         shutdown_grace: float,
         rng: random.Random | None = None,
         clock: Callable[[], datetime] = utcnow,
@@ -166,6 +212,9 @@ class Sweeper:
         self.policy = policy
         self.owner = owner
         self.concurrency = concurrency
+        # Downloads run beside the checks, not in their slots: a long file must not stop
+        # status checks, and a check must not wait for another batch's file.
+        self.download_slots = asyncio.Semaphore(download_concurrency or concurrency)
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.rng = rng or random.Random()
@@ -198,14 +247,17 @@ class Sweeper:
                 log.warning("sweep.released_orphaned_leases", batches=released)
         report = SweepReport()
         self._view = await self._budget_view()
-        running: dict[asyncio.Task[None], Tracked] = {}
+        # Check tasks hold the worker slots. One that finds a file waits for a download
+        # slot, then hands the batch to a download task, which runs on outside the worker
+        # slots: a long file must not hold up status checks of other batches.
+        work = _InFlight()
         throttle = self.client.throttle
         exhausted = False
         try:
             while True:
-                free = self.concurrency - len(running)
+                free = self.concurrency - len(work.checking)
                 may_claim = not self.stopping.is_set() and not exhausted and not report.auth_failed
-                if may_claim and (free >= max(1, self.concurrency // 2) or not running):
+                if may_claim and (free >= max(1, self.concurrency // 2) or not work.checking):
                     want = await throttle.reserve(free)
                     if want > 0:
                         claimed = await asyncio.to_thread(
@@ -217,8 +269,8 @@ class Sweeper:
                             exhausted = True
                             await throttle.release_unused()
                         for batch in claimed:
-                            running[asyncio.create_task(self._work(batch, report))] = batch
-                    elif not running:
+                            work.checking[asyncio.create_task(self._check(batch, report))] = batch
+                    elif not work.any():
                         # Out of quota: wait for it when it is near (the per-second window),
                         # else finish and let a later sweep pick up the rest.
                         wait = throttle.wait_time()
@@ -226,34 +278,38 @@ class Sweeper:
                             break
                         await self._sleep_unless_stopping(max(wait, 0.01))
                         continue
-                if not running:
+                if not work.any():
                     break
                 if self.stopping.is_set():
-                    await self._wind_down(running)
+                    await self._wind_down(work)
                     break
                 done, _ = await asyncio.wait(
-                    list(running), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    work.tasks(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
-                    running.pop(task)
                     self.progress += 1
-                    error = None if task.cancelled() else task.exception()
-                    if error is None:
-                        continue
-                    report.errors += 1
-                    if isinstance(error, sa.exc.DBAPIError):
-                        self._orphaned_leases = True
-                        # The batch's lease expires and it is looked at again later.
-                        log.error("db.write_failed", error=describe_db_error(error))
-                    else:
-                        log.error("sweep.worker_crashed", exc_info=error)
+                    outcome = work.finished(task)
+                    if isinstance(outcome, _Download):
+                        started = asyncio.create_task(self._download(outcome, report))
+                        work.downloading[started] = outcome.batch
+                    elif isinstance(outcome, BaseException):
+                        self._on_worker_error(outcome, report)
         except BaseException:
             self._orphaned_leases = True
             raise
         finally:
-            if running:  # cancelled from outside: hand the rest back
-                await self._wind_down(running, grace=0.0)
+            if work.any():  # cancelled from outside: hand the rest back
+                await self._wind_down(work, grace=0.0)
         return report
+
+    def _on_worker_error(self, error: BaseException, report: SweepReport) -> None:
+        report.errors += 1
+        if isinstance(error, sa.exc.DBAPIError):
+            self._orphaned_leases = True
+            # The batch's lease expires and it is looked at again later.
+            log.error("db.write_failed", error=describe_db_error(error))
+        else:
+            log.error("sweep.worker_crashed", exc_info=error)
 
     async def _budget_view(self) -> BudgetView | None:
         """The call budget and the recent load, for the budget-aware schedule.
@@ -287,53 +343,57 @@ class Sweeper:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.stopping.wait(), seconds)
 
-    async def _wind_down(
-        self, running: dict[asyncio.Task[None], Tracked], grace: float | None = None
-    ) -> None:
+    async def _wind_down(self, work: _InFlight, grace: float | None = None) -> None:
         """Let in-flight work finish within the grace period, then hand the rest back."""
         grace = self.shutdown_grace if grace is None else grace
-        if grace > 0:
-            await asyncio.wait(list(running), timeout=grace)
-        unfinished = {task: batch for task, batch in running.items() if not task.done()}
-        for task in unfinished:
-            task.cancel()
-        if unfinished:
-            await asyncio.wait(list(unfinished))
-            released = await asyncio.to_thread(self.store.release, list(unfinished.values()))
+        if grace > 0 and work.any():
+            await asyncio.wait(work.tasks(), timeout=grace)
+        hand_back: list[Tracked] = []
+        for task, batch in work.items():
+            if not task.done():
+                task.cancel()
+                hand_back.append(batch)
+        if hand_back:
+            await asyncio.wait(work.tasks())
+        for task in list(work.checking):
+            outcome = work.finished(task)
+            if isinstance(outcome, _Download):
+                # A check that found a file after the stop began: no time is left to fetch it.
+                self.download_slots.release()
+                hand_back.append(outcome.batch)
+        work.clear()
+        if hand_back:
+            released = await asyncio.to_thread(self.store.release, hand_back)
             log.warning("sweep.handed_back", batches=released)
-        running.clear()
 
-    async def _work(self, batch: Tracked, report: SweepReport) -> None:
+    async def _check(self, batch: Tracked, report: SweepReport) -> _Download | None:
+        """Look at one claimed batch and write back what it became.
+
+        Returns the download to start when the batch is complete; by then the "ready"
+        transition is committed, the lease kept, and a download slot held.
+        """
         bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
         now = self.clock()
         problem = request_id_problem(batch.request_id)
-        if problem is not None or is_too_old(batch, self.policy, now):
+        too_old = is_too_old(batch, self.policy, now)
+        if problem is not None or too_old:
             # No status call for this one: its permit goes back to the budget at once.
             await self.client.throttle.give_back(1)
         if problem is not None:
-            await self._write(
-                report,
-                bound,
-                BatchWrite(
-                    batch,
-                    Decision(State.REJECTED, None, last_error=problem, detail=problem),
-                ),
-            )
-            return
-        if is_too_old(batch, self.policy, now):
+            decision = Decision(State.REJECTED, None, last_error=problem, detail=problem)
+            await self._write(report, bound, BatchWrite(batch, decision))
+            return None
+        if too_old:
             reason = f"not finished within the maximum tracking age of {self.policy.max_age:g} s"
-            await self._write(
-                report,
-                bound,
-                BatchWrite(batch, Decision(State.EXPIRED, None, last_error=reason, detail=reason)),
-            )
-            return
+            decision = Decision(State.EXPIRED, None, last_error=reason, detail=reason)
+            await self._write(report, bound, BatchWrite(batch, decision))
+            return None
 
         try:
             answer = await self.client.batch_status(batch.request_id)
         except AuthFailed as error:
             await self._on_auth_failed(batch, report, str(error))
-            return
+            return None
         self._auth_backoff = 0.0
         report.checked += 1
         if self.metrics is not None:
@@ -346,38 +406,56 @@ class Sweeper:
         url = decision.download_url
         if url is None:
             await self._write(report, bound, BatchWrite(batch, decision))
-            return
+            return None
 
         # Record "ready" before the download, and keep the lease while it runs.
         ready = replace(decision, download_url=None)
         if not await self._write(report, bound, BatchWrite(batch, ready, keep_lease=True)):
-            return
-        batch = replace(batch, state=State.READY, checks=batch.checks + 1)
-        await self._download(batch, url, report, bound)
+            return None
+        # Only a batch that was already ready can have a fetch that died without cleaning
+        # up (kill -9 mid-download): every fetch starts with a "ready" write.
+        download = _Download(
+            replace(batch, state=State.READY, checks=batch.checks + 1),
+            url,
+            bound,
+            leftovers_possible=batch.state is State.READY,
+        )
+        # Hold this worker slot until a download slot is free: when files arrive faster
+        # than they can be fetched, claiming more batches would only strand their leases.
+        while True:
+            try:
+                async with asyncio.timeout(self.lease_seconds / 3):
+                    await self.download_slots.acquire()
+                return download
+            except TimeoutError:
+                if not await self._still_owner(download.batch):
+                    report.conflicts += 1
+                    bound.warning("download.ownership_lost")
+                    return None
 
-    async def _download(
-        self, batch: Tracked, url: str, report: SweepReport, bound: structlog.BoundLogger
-    ) -> None:
+    async def _still_owner(self, batch: Tracked) -> bool:
+        """Extend the lease of a batch being downloaded; False when another owner has it."""
+        self.progress += 1
+        give_up_at = time.monotonic() + self.lease_seconds
+        while True:
+            try:
+                # The group commit retries through a database outage for a while itself.
+                return await self._commit.write(LeaseExtension(batch, self.lease_seconds))
+            except sa.exc.OperationalError:
+                if time.monotonic() > give_up_at:
+                    return False  # our lease has run out meanwhile: assume it is lost
+
+    async def _download(self, download: _Download, report: SweepReport) -> None:
+        try:
+            await self._fetch(download, report)
+        finally:
+            self.download_slots.release()
+
+    async def _fetch(self, download: _Download, report: SweepReport) -> None:
+        batch, url, bound = download.batch, download.url, download.log
+
         async def still_owner() -> bool:
-            self.progress += 1
-            give_up_at = time.monotonic() + self.lease_seconds
-            delay = 0.5
-            while True:
-                try:
-                    return await asyncio.to_thread(
-                        self.store.extend_lease, batch, self.lease_seconds, self.clock()
-                    )
-                except sa.exc.OperationalError as error:
-                    if time.monotonic() + delay > give_up_at:
-                        return False  # our lease has run out meanwhile: assume it is lost
-                    bound.warning(
-                        "db.unreachable",
-                        during="lease keep-alive",
-                        retry_in=delay,
-                        error=describe_db_error(error),
-                    )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+            return await self._still_owner(batch)
 
         started = time.monotonic()
         try:

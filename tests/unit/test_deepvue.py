@@ -115,13 +115,18 @@ class FakeDeepvue:
 
 
 class Harness:
+    # Status calls go through the http client, or (as in the daemon) straight to its
+    # transport; the status_path fixture runs every test of this module both ways.
+    direct = False
+
     def __init__(self, fake: FakeDeepvue, *, windows: list[Window] | None = None) -> None:
         self.fake = fake
         self.clock = FakeClock()
         self.utc = T0
         self.secrets: list[str | OSError] = [SECRET]
         self.secret_reads = 0
-        self.http = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
+        transport = httpx.MockTransport(fake.handler)
+        self.http = httpx.AsyncClient(transport=transport)
         self.throttle = Throttle(
             MemoryBudget(
                 windows or plan_windows(1000, 100000, 1000000), clock=self.clock.monotonic
@@ -136,6 +141,7 @@ class Harness:
             read_secret=self.read_secret,
             throttle=self.throttle,
             utcnow=lambda: self.utc,
+            status_transport=transport if self.direct else None,
         )
 
     def read_secret(self) -> str:
@@ -145,6 +151,11 @@ class Harness:
         if isinstance(secret, OSError):
             raise secret
         return secret + "\n"
+
+
+@pytest.fixture(autouse=True, params=["through the client", "straight to the transport"])
+def status_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Harness, "direct", request.param == "straight to the transport")
 
 
 def run(
@@ -186,6 +197,17 @@ def test_status_call_sends_documented_request_and_classifies() -> None:
     assert str(request.url) == f"{BASE}/v1/verification/batch-processing-status?request_id=req1"
     assert request.headers["authorization"] == "Bearer token-1"
     assert request.headers["x-api-key"] == SECRET
+    assert request.headers["user-agent"] == f"deepvue-batch-tracker/{__version__}"
+
+
+def test_request_id_is_sent_percent_encoded_as_one_query_value() -> None:
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("a b&c=d/é")
+
+    h = run(body)
+    (request,) = h.fake.status_requests
+    assert request.url.raw_path.endswith(b"?request_id=a%20b%26c%3Dd%2F%C3%A9")
+    assert request.url.params["request_id"] == "a b&c=d/é"
 
 
 def test_token_is_cached_across_calls() -> None:
