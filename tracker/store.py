@@ -102,6 +102,7 @@ class Store:
         # With TRACKER_ON_FINAL configured, every batch that becomes final is queued for it.
         self.final_hook = final_hook
         self._batch_update = _batch_update()
+        self._claim = _claim()
         self._lease_update = _lease_update()
 
     # --- producers and operators -------------------------------------------------
@@ -315,39 +316,14 @@ class Store:
         """
         if limit <= 0:
             return []
-        due = (
-            sa.select(batches.c.id)
-            .where(
-                batches.c.state.in_(_ACTIVE),
-                sa.or_(batches.c.next_check_at.is_(None), batches.c.next_check_at <= now),
-                sa.or_(batches.c.lease_expires_at.is_(None), batches.c.lease_expires_at < now),
-            )
-            .order_by(batches.c.next_check_at.nulls_first(), batches.c.id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        claim = (
-            batches.update()
-            .where(batches.c.id.in_(due.scalar_subquery()))
-            .values(
-                lease_owner=owner,
-                lease_token=batches.c.lease_token + 1,
-                lease_expires_at=now + timedelta(seconds=lease_seconds),
-            )
-            .returning(
-                batches.c.id,
-                batches.c.request_id,
-                batches.c.state,
-                batches.c.lease_token,
-                batches.c.checks,
-                batches.c.faults,
-                batches.c.rejections,
-                batches.c.download_attempts,
-                batches.c.created_at,
-            )
-        )
+        parameters = {
+            "owner": owner,
+            "limit": limit,
+            "now": now,
+            "expires_at": now + timedelta(seconds=lease_seconds),
+        }
         with self.engine.begin() as connection:
-            rows = connection.execute(claim).all()
+            rows = connection.execute(self._claim, parameters).all()
         claimed = [
             Tracked(
                 id=row.id,
@@ -591,6 +567,43 @@ def _batch_update() -> sa.Update:
                 (sa.bindparam("n_release", type_=sa.Boolean), sa.null()),
                 else_=c.lease_expires_at,
             ),
+        )
+    )
+
+
+def _claim() -> sa.Update:
+    """Lease the due, unfinished, unleased batches, oldest due first."""
+    c = batches.c
+    now = sa.bindparam("now", type_=c.next_check_at.type)
+    due = (
+        sa.select(c.id)
+        .where(
+            c.state.in_(_ACTIVE),
+            sa.or_(c.next_check_at.is_(None), c.next_check_at <= now),
+            sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < now),
+        )
+        .order_by(c.next_check_at.nulls_first(), c.id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .with_for_update(skip_locked=True)
+    )
+    return (
+        batches.update()
+        .where(c.id.in_(due.scalar_subquery()))
+        .values(
+            lease_owner=sa.bindparam("owner"),
+            lease_token=c.lease_token + 1,
+            lease_expires_at=sa.bindparam("expires_at", type_=c.lease_expires_at.type),
+        )
+        .returning(
+            c.id,
+            c.request_id,
+            c.state,
+            c.lease_token,
+            c.checks,
+            c.faults,
+            c.rejections,
+            c.download_attempts,
+            c.created_at,
         )
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -172,10 +173,13 @@ def test_concurrent_claimers_never_share_a_batch(database_url: str) -> None:
     for n in range(200):
         store.enqueue(f"c{n:03d}")
     claimed: list[list[Tracked]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
 
     def claimer(index: int) -> None:
+        start.wait()
         while batch := store.claim_due(f"w{index}", 7, 600, NOW):
             claimed[index].extend(batch)
+            time.sleep(0.001)  # a worker does something with its claim before the next
 
     threads = [threading.Thread(target=claimer, args=(i,)) for i in range(4)]
     for thread in threads:
