@@ -346,7 +346,23 @@ def client_figures(count: int, *, quick: bool) -> tuple[float, list[Figure]]:
             result = run_bare(api.url, count, client=client, prefix="cl-")
             per_request[client] = result["cpu"] / count
     base = per_request["aiohttp"]
+    with fake_api("--completion-delay", "0", "--file-size", str(FILE_SIZE)) as api:
+        both = run_bare(api.url, count, prefix="clf-", download=True)
+    per_batch = both["cpu"] / count
     figures = [
+        Figure(
+            "http client: CPU per complete batch (status + file), bare aiohttp (info)",
+            per_batch * 1000,
+            base * 1000,
+            "ms",
+            "ms bare aiohttp/request",
+            ratio_of(per_batch, base),
+            "info",
+            None,
+            note="what a complete batch costs with no database, no file and no checks",
+        )
+    ]
+    figures += [
         Figure(
             f"http client: CPU/request, {client} (info)",
             per_request[client] * 1000,
