@@ -7,7 +7,9 @@ import errno
 import hashlib
 import itertools
 import os
+import shutil
 import stat
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +175,7 @@ def fetch(
     *,
     keep_alive: Callable[[], Awaitable[bool]] | None = None,
     keep_alive_every: float = 30.0,
+    clean_leftovers: bool = True,
     **downloader_options: Any,
 ) -> DownloadedFile:
     async def run() -> DownloadedFile:
@@ -183,7 +186,11 @@ def fetch(
             options.update(downloader_options)
             downloader = Downloader(http, output_dir=output_dir, **options)
             return await downloader.fetch(
-                url, request_id, keep_alive=keep_alive, keep_alive_every=keep_alive_every
+                url,
+                request_id,
+                keep_alive=keep_alive,
+                keep_alive_every=keep_alive_every,
+                clean_leftovers=clean_leftovers,
             )
 
     return asyncio.run(run())
@@ -241,9 +248,39 @@ def test_stale_temp_files_of_the_same_request_are_cleaned(out: Path) -> None:
     out.mkdir()
     (out / ".req1.csv.part").write_bytes(b"half of an old attempt")
     (out / ".req1.zip.part").write_bytes(b"another leftover")
+    (out / ".req1.xlsx.0123456789ab.part").write_bytes(b"a leftover of this version")
     (out / ".other.csv.part").write_bytes(b"someone else's")
+    # The temp file of request "req1.csv", not of request "req1".
+    (out / ".req1.csv.csv.0123456789ab.part").write_bytes(b"another request's")
     fetch(FakeFileServer(), out)
-    assert sorted(p.name for p in out.iterdir()) == [".other.csv.part", "req1.csv"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".other.csv.part",
+        ".req1.csv.csv.0123456789ab.part",
+        "req1.csv",
+    ]
+
+
+def test_leftovers_are_left_alone_when_the_caller_knows_there_are_none(out: Path) -> None:
+    out.mkdir()
+    (out / ".req1.csv.0123456789ab.part").write_bytes(b"not ours to judge")
+    fetch(FakeFileServer(), out, clean_leftovers=False)
+    assert sorted(p.name for p in out.iterdir()) == [".req1.csv.0123456789ab.part", "req1.csv"]
+
+
+def test_output_directory_removed_between_fetches_is_made_again(out: Path) -> None:
+    async def run() -> list[DownloadedFile]:
+        transport = httpx.MockTransport(FakeFileServer().handler)
+        async with make_download_http_client(5.0, transport=transport) as http:
+            downloader = Downloader(http, output_dir=out, allowed_hosts=ALLOWED)
+            first = await downloader.fetch(URL, "req1")
+            shutil.rmtree(out)  # an operator cleaning up, or a remount
+            second = await downloader.fetch(URL, "req2")
+            return [first, second]
+
+    first, second = asyncio.run(run())
+    assert not first.path.exists()
+    assert second.path.read_bytes() == BODY
+    assert stat.S_IMODE(out.stat().st_mode) & 0o007 == 0
 
 
 def test_requests_carry_no_credentials_and_identity_encoding(out: Path) -> None:
@@ -270,6 +307,13 @@ def test_download_client_has_no_default_api_headers_and_no_redirects() -> None:
         }
     finally:
         asyncio.run(client.aclose())
+
+
+def test_small_file_logs_one_line(out: Path) -> None:
+    # The whole body in one piece: no download.start, download.done says it all.
+    with capture_logs() as logs:
+        fetch(FakeFileServer(piece=len(BODY)), out)
+    assert [entry["event"] for entry in logs] == ["download.done"]
 
 
 def test_logs_events_without_secrets(out: Path) -> None:
@@ -552,3 +596,107 @@ def test_output_directory_is_created_private(out: Path) -> None:
     target = out / "nested"
     fetch(FakeFileServer(), target)
     assert stat.S_IMODE(target.stat().st_mode) & 0o007 == 0
+
+
+# -- big files: hashed and written by a thread -------------------------------------------
+
+BIG_BODY = os.urandom((3 << 20) + 4321)  # past the first MiB, which is written inline
+
+
+def test_big_file_cut_short_resumes_exactly_where_the_writer_thread_stopped(out: Path) -> None:
+    cut = (2 << 20) + 65536 * 3
+    server = FakeFileServer(body=BIG_BODY, piece=65536, cut_first_after=cut)
+    result = fetch(server, out)
+    assert result.size == len(BIG_BODY)
+    assert result.sha256 == sha256(BIG_BODY)
+    assert_published_only(out, "req1.csv", BIG_BODY)
+    assert server.requests[1].headers["Range"] == f"bytes={cut}-"
+
+
+def test_full_answer_to_a_range_request_of_a_big_file_starts_over(out: Path) -> None:
+    server = FakeFileServer(body=BIG_BODY, piece=65536, cut_first_after=2 << 20, ignore_range=True)
+    result = fetch(server, out)
+    assert result.sha256 == sha256(BIG_BODY)
+    assert_published_only(out, "req1.csv", BIG_BODY)
+
+
+def test_disk_full_in_the_writer_thread_is_output_unwritable(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_write = os.write
+    failed_in: list[str] = []
+
+    def write(fd: int, data: Any) -> int:
+        # Past 2 MiB, so the bytes are in the writer thread's hands when the disk fills.
+        if os.fstat(fd).st_size >= (2 << 20):
+            failed_in.append(threading.current_thread().name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    with pytest.raises(OutputUnwritable, match=os.strerror(errno.ENOSPC)) as caught:
+        fetch(FakeFileServer(body=BIG_BODY, piece=65536), out)
+    assert caught.value.retryable is True
+    assert failed_in == ["download-writer"]  # once: the writer stops at its first error
+    assert list(out.iterdir()) == []
+
+
+# -- publishing: the directory fsync -------------------------------------------------------
+
+
+def test_concurrent_publishes_share_directory_fsyncs_each_after_its_rename(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: fewer directory fsyncs than files, and every fetch returns only
+    after a directory fsync that started after its own rename had finished."""
+    events: list[tuple[str, str]] = []  # appended from the event loop and from threads
+    lock = threading.Lock()
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def note(kind: str, what: str) -> None:
+        with lock:
+            events.append((kind, what))
+
+    def fsync(fd: int) -> None:
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            real_fsync(fd)
+            return
+        note("dir-fsync-start", "")
+        # Slow enough that renames pile up behind the running one.
+        threading.Event().wait(0.02)
+        real_fsync(fd)
+        note("dir-fsync-end", "")
+
+    def replace(source: Any, target: Any) -> None:
+        real_replace(source, target)
+        note("rename", Path(target).stem)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ids = [f"req{i}" for i in range(20)]
+
+    async def run() -> None:
+        transport = httpx.MockTransport(FakeFileServer().handler)
+        async with make_download_http_client(5.0, transport=transport) as http:
+            downloader = Downloader(http, output_dir=out, allowed_hosts=ALLOWED)
+
+            async def one(request_id: str) -> None:
+                await downloader.fetch(URL, request_id)
+                note("returned", request_id)
+
+            await asyncio.gather(*(one(request_id) for request_id in ids))
+
+    asyncio.run(run())
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}.csv" for i in ids)
+    fsyncs = [kind for kind, _ in events if kind.startswith("dir-fsync")]
+    assert fsyncs == ["dir-fsync-start", "dir-fsync-end"] * (len(fsyncs) // 2)  # one at a time
+    assert 1 <= len(fsyncs) // 2 < len(ids) // 2
+    for request_id in ids:
+        renamed = events.index(("rename", request_id))
+        returned = events.index(("returned", request_id))
+        # An fsync that started after the rename and ended before the fetch returned.
+        started = [i for i, (kind, _) in enumerate(events) if kind == "dir-fsync-start"]
+        ended = [i for i, (kind, _) in enumerate(events) if kind == "dir-fsync-end"]
+        assert any(
+            renamed < start < end < returned for start, end in zip(started, ended, strict=True)
+        ), request_id
