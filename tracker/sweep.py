@@ -12,6 +12,7 @@ import contextlib
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -144,15 +145,52 @@ class _Download:
     leftovers_possible: bool
 
 
+class _WorkerSlots:
+    """TRACKER_CONCURRENCY worker slots. A batch holds one while its status call is in
+    flight, and while, found complete, it waits for a download slot; not while its result
+    is being written (the group commit batches those) nor while its file downloads."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.taken = 0
+        self._freed: asyncio.Future[None] | None = None
+
+    def free(self) -> int:
+        return self.size - self.taken
+
+    def take(self) -> Callable[[], None]:
+        """Take a slot; the function returned gives it back (once, however often called)."""
+        self.taken += 1
+        held = True
+
+        def give_back() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.taken -= 1
+                if self._freed is not None and not self._freed.done():
+                    self._freed.set_result(None)
+
+        return give_back
+
+    def freed(self) -> asyncio.Future[None]:
+        """Done when a slot is given back (the sweep loop waits on it beside its tasks)."""
+        if self._freed is None or self._freed.done():
+            self._freed = asyncio.get_running_loop().create_future()
+        return self._freed
+
+
 @dataclass
 class _InFlight:
     """The tasks of one sweep: checks (each holds a worker slot) and downloads."""
 
     checking: dict[asyncio.Task[_Download | None], Tracked] = field(default_factory=dict)
     downloading: dict[asyncio.Task[None], Tracked] = field(default_factory=dict)
+    # Claimed, with a call permit reserved, waiting for a worker slot.
+    backlog: deque[Tracked] = field(default_factory=deque)
 
     def any(self) -> bool:
-        return bool(self.checking or self.downloading)
+        return bool(self.checking or self.downloading or self.backlog)
 
     def tasks(self) -> list[asyncio.Task[Any]]:
         return [*self.checking, *self.downloading]
@@ -175,6 +213,7 @@ class _InFlight:
     def clear(self) -> None:
         self.checking.clear()
         self.downloading.clear()
+        self.backlog.clear()
 
 
 @dataclass
@@ -251,26 +290,31 @@ class Sweeper:
         # slot, then hands the batch to a download task, which runs on outside the worker
         # slots: a long file must not hold up status checks of other batches.
         work = _InFlight()
+        slots = _WorkerSlots(self.concurrency)
         throttle = self.client.throttle
+        # Claims run beside the work, so that slots freed meanwhile are refilled from the
+        # batches claimed ahead (a quarter of the slots) instead of waiting for a claim
+        # transaction; claims come in bites of a quarter of the slots or more.
+        ahead = max(1, self.concurrency // 4)
+        claiming: asyncio.Task[tuple[int, list[Tracked]]] | None = None
         exhausted = False
         try:
             while True:
-                free = self.concurrency - len(work.checking)
+                while work.backlog and slots.free() > 0 and not self.stopping.is_set():
+                    batch = work.backlog.popleft()
+                    check = self._check(batch, report, slots.take())
+                    work.checking[asyncio.create_task(check)] = batch
                 may_claim = not self.stopping.is_set() and not exhausted and not report.auth_failed
-                if may_claim and (free >= max(1, self.concurrency // 2) or not work.checking):
-                    want = await throttle.reserve(free)
-                    if want > 0:
-                        claimed = await asyncio.to_thread(
-                            self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
-                        )
-                        report.claimed += len(claimed)
-                        self.progress += 1
-                        if len(claimed) < want:
-                            exhausted = True
-                            await throttle.release_unused()
-                        for batch in claimed:
-                            work.checking[asyncio.create_task(self._check(batch, report))] = batch
-                    elif not work.any():
+                room = slots.free() + ahead - len(work.backlog)
+                if claiming is None and may_claim and (room >= ahead or not work.any()):
+                    claiming = asyncio.create_task(self._claim(room))
+                if claiming is not None and claiming.done():
+                    want, claimed = claiming.result()
+                    claiming = None
+                    report.claimed += len(claimed)
+                    self.progress += 1
+                    work.backlog.extend(claimed)
+                    if want == 0 and not work.any():
                         # Out of quota: wait for it when it is near (the per-second window),
                         # else finish and let a later sweep pick up the rest.
                         wait = throttle.wait_time()
@@ -278,15 +322,27 @@ class Sweeper:
                             break
                         await self._sleep_unless_stopping(max(wait, 0.01))
                         continue
-                if not work.any():
+                    if len(claimed) < want:
+                        exhausted = True
+                    continue
+                if not work.any() and claiming is None:
                     break
                 if self.stopping.is_set():
+                    if claiming is not None:
+                        work.backlog.extend((await claiming)[1])
+                        claiming = None
                     await self._wind_down(work)
                     break
+                slot_freed = slots.freed()
+                waiting_on: list[asyncio.Future[Any]] = [*work.tasks(), slot_freed]
+                if claiming is not None:
+                    waiting_on.append(claiming)
                 done, _ = await asyncio.wait(
-                    work.tasks(), timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    waiting_on, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
+                    if task is claiming or not isinstance(task, asyncio.Task):
+                        continue  # the claim, or slot_freed: a loop turn is all they ask for
                     self.progress += 1
                     outcome = work.finished(task)
                     if isinstance(outcome, _Download):
@@ -298,9 +354,24 @@ class Sweeper:
             self._orphaned_leases = True
             raise
         finally:
+            if claiming is not None:
+                claiming.cancel()
             if work.any():  # cancelled from outside: hand the rest back
                 await self._wind_down(work, grace=0.0)
         return report
+
+    async def _claim(self, room: int) -> tuple[int, list[Tracked]]:
+        """Reserve call permits, then lease as many due batches: (permits, batches)."""
+        throttle = self.client.throttle
+        want = await throttle.reserve(room)
+        if want <= 0:
+            return 0, []
+        claimed = await asyncio.to_thread(
+            self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
+        )
+        if len(claimed) < want:
+            await throttle.give_back(want - len(claimed))
+        return want, claimed
 
     def _on_worker_error(self, error: BaseException, report: SweepReport) -> None:
         report.errors += 1
@@ -346,9 +417,13 @@ class Sweeper:
     async def _wind_down(self, work: _InFlight, grace: float | None = None) -> None:
         """Let in-flight work finish within the grace period, then hand the rest back."""
         grace = self.shutdown_grace if grace is None else grace
+        if work.backlog:
+            # Never started: their permits go back to the budget.
+            await self.client.throttle.give_back(len(work.backlog))
+        hand_back: list[Tracked] = list(work.backlog)
+        work.backlog.clear()
         if grace > 0 and work.any():
             await asyncio.wait(work.tasks(), timeout=grace)
-        hand_back: list[Tracked] = []
         for task, batch in work.items():
             if not task.done():
                 task.cancel()
@@ -366,18 +441,29 @@ class Sweeper:
             released = await asyncio.to_thread(self.store.release, hand_back)
             log.warning("sweep.handed_back", batches=released)
 
-    async def _check(self, batch: Tracked, report: SweepReport) -> _Download | None:
+    async def _check(
+        self, batch: Tracked, report: SweepReport, release_slot: Callable[[], None]
+    ) -> _Download | None:
         """Look at one claimed batch and write back what it became.
 
         Returns the download to start when the batch is complete; by then the "ready"
         transition is committed, the lease kept, and a download slot held.
         """
+        try:
+            return await self._look(batch, report, release_slot)
+        finally:
+            release_slot()
+
+    async def _look(
+        self, batch: Tracked, report: SweepReport, release_slot: Callable[[], None]
+    ) -> _Download | None:
         bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
         now = self.clock()
         problem = request_id_problem(batch.request_id)
         too_old = is_too_old(batch, self.policy, now)
         if problem is not None or too_old:
             # No status call for this one: its permit goes back to the budget at once.
+            release_slot()
             await self.client.throttle.give_back(1)
         if problem is not None:
             decision = Decision(State.REJECTED, None, last_error=problem, detail=problem)
@@ -405,6 +491,7 @@ class Sweeper:
             bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
         url = decision.download_url
         if url is None:
+            release_slot()
             await self._write(report, bound, BatchWrite(batch, decision))
             return None
 
@@ -464,6 +551,7 @@ class Sweeper:
                 batch.request_id,
                 keep_alive=still_owner,
                 keep_alive_every=self.lease_seconds / 3,
+                clean_leftovers=download.leftovers_possible,
             )
         except OwnershipLost:
             report.conflicts += 1

@@ -1,0 +1,234 @@
+"""Sweeper against a real database, with Deepvue and the file host faked at the httpx seam."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+
+from tracker.budget import MemoryBudget
+from tracker.deepvue import DeepvueClient, Throttle
+from tracker.domain.policy import PollPolicy
+from tracker.domain.quota import plan_windows
+from tracker.download import Downloader
+from tracker.store import Store
+from tracker.sweep import Sweeper
+
+API = "https://deepvue.test"
+FILES = "files.test"
+TOKEN = "access-token-for-tests"
+
+
+def _status_body(request_id: str) -> dict[str, Any]:
+    if request_id.startswith("done-"):
+        data = {
+            "request_id": request_id,
+            "status": 200,
+            "message": "batch processing completed",
+            "batch_output_file_url": f"https://{FILES}/out/{request_id}.csv",
+        }
+    else:
+        data = {
+            "request_id": request_id,
+            "status": 201,
+            "message": "batch processing in progress",
+            "batch_output_file_url": None,
+        }
+    return {"code": 200, "sub_code": "SUCCESS", "message": "fetched", "data": data}
+
+
+class FakeServices:
+    """Deepvue's two endpoints and a file host whose answers can be held back per batch."""
+
+    def __init__(self) -> None:
+        self.status_calls: list[str] = []
+        self.file_requests: list[str] = []
+        self.held: dict[str, asyncio.Event] = {}
+
+    async def api(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)
+        if request.url.path == "/v1/authorize":
+            return httpx.Response(
+                200, json={"access_token": TOKEN, "expiry": "2099-01-01T00:00:00Z"}
+            )
+        request_id = request.url.params["request_id"]
+        self.status_calls.append(request_id)
+        return httpx.Response(200, content=json.dumps(_status_body(request_id)).encode())
+
+    async def files(self, request: httpx.Request) -> httpx.Response:
+        request_id = request.url.path.rsplit("/", 1)[-1].removesuffix(".csv")
+        self.file_requests.append(request_id)
+        held = self.held.get(request_id)
+        if held is not None:
+            await held.wait()
+        # A stream, as a file host's body is: a `content=` response arrives already read.
+        return httpx.Response(200, stream=httpx.ByteStream(f"id,{request_id}\n".encode()))
+
+
+async def _sweeper(
+    engine: sa.Engine, services: FakeServices, output_dir: Path, **options: Any
+) -> tuple[Sweeper, Callable[[], Any]]:
+    api_http = httpx.AsyncClient(transport=httpx.MockTransport(services.api))
+    file_http = httpx.AsyncClient(transport=httpx.MockTransport(services.files))
+    client = DeepvueClient(
+        api_http,
+        base_url=API,
+        client_id="me",
+        read_secret=lambda: "client-secret-for-tests",
+        throttle=Throttle(MemoryBudget(plan_windows(1000, 100000, 1000000))),
+    )
+    downloader = Downloader(file_http, output_dir=output_dir, allowed_hosts=[FILES])
+    sweeper = Sweeper(
+        store=Store(engine),
+        client=client,
+        downloader=downloader,
+        policy=PollPolicy(min_interval=3600, max_interval=3600, max_age=86400),
+        owner="test-owner",
+        lease_seconds=60,
+        shutdown_grace=5,
+        **options,
+    )
+
+    async def close() -> None:
+        await api_http.aclose()
+        await file_http.aclose()
+
+    return sweeper, close
+
+
+def test_a_slow_download_does_not_hold_up_the_checks_of_other_batches(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["done-slow", *(f"open-{n}" for n in range(6)), "done-quick"])
+    services = FakeServices()
+    services.held["done-slow"] = asyncio.Event()
+
+    async def main() -> None:
+        sweeper, close = await _sweeper(
+            engine, services, tmp_path / "out", concurrency=1, download_concurrency=2
+        )
+        try:
+            sweep = asyncio.create_task(sweeper.sweep())
+            # With one worker slot, every other batch is checked while the first one's
+            # file is still on its way.
+            async with asyncio.timeout(10):
+                while len(services.status_calls) < 8 or "done-quick" not in services.file_requests:
+                    await asyncio.sleep(0.01)
+            assert "done-slow" in services.file_requests
+            assert not sweep.done()
+            services.held["done-slow"].set()
+            report = await asyncio.wait_for(sweep, 10)
+        finally:
+            await close()
+        assert report.checked == 8
+        assert report.downloaded == 2
+
+    asyncio.run(main())
+    states = store.count_by_state()
+    assert states == {"downloaded": 2, "processing": 6}
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "done-quick.csv",
+        "done-slow.csv",
+    ]
+
+
+def test_checks_wait_for_a_download_slot_instead_of_claiming_more(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["done-a", "done-b", "open-1"])
+    services = FakeServices()
+    services.held["done-a"] = asyncio.Event()
+
+    async def main() -> None:
+        sweeper, close = await _sweeper(
+            engine, services, tmp_path / "out", concurrency=1, download_concurrency=1
+        )
+        try:
+            sweep = asyncio.create_task(sweeper.sweep())
+            async with asyncio.timeout(10):
+                while services.status_calls != ["done-a", "done-b"]:
+                    await asyncio.sleep(0.01)
+            # done-b is ready and waits for the only download slot, in the only worker
+            # slot: open-1 is not claimed until the slot frees.
+            await asyncio.sleep(0.2)
+            assert services.status_calls == ["done-a", "done-b"]
+            assert services.file_requests == ["done-a"]
+            services.held["done-a"].set()
+            report = await asyncio.wait_for(sweep, 10)
+        finally:
+            await close()
+        assert services.status_calls == ["done-a", "done-b", "open-1"]
+        assert report.downloaded == 2
+
+    asyncio.run(main())
+    assert store.count_by_state() == {"downloaded": 2, "processing": 1}
+
+
+def test_stopping_hands_back_a_batch_whose_download_never_started(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["done-a", "done-b"])
+    services = FakeServices()
+    services.held["done-a"] = asyncio.Event()
+
+    async def main() -> None:
+        sweeper, close = await _sweeper(
+            engine, services, tmp_path / "out", concurrency=2, download_concurrency=1
+        )
+        sweeper.shutdown_grace = 0.3
+        try:
+            sweep = asyncio.create_task(sweeper.sweep())
+            async with asyncio.timeout(10):
+                while len(services.status_calls) < 2:
+                    await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            sweeper.stopping.set()
+            await asyncio.wait_for(sweep, 10)
+        finally:
+            await close()
+
+    asyncio.run(main())
+    rows = {row.request_id: row for row in store.list_batches()}
+    # Both were found complete; neither file arrived, so both are ready again, unleased,
+    # for the next sweep, and no temp file is left behind.
+    assert {rid: (row.state, row.lease_owner) for rid, row in rows.items()} == {
+        "done-a": ("ready", None),
+        "done-b": ("ready", None),
+    }
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_fetch_cut_off_earlier_leaves_no_temp_file_after_the_next(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["done-again", "done-fresh"])
+    # What a kill -9 mid-download leaves: the batch recorded ready, its temp file behind.
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("UPDATE tracker_batches SET state = 'ready' WHERE request_id = 'done-again'")
+        )
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    stale = output_dir / ".done-again.csv.0123456789ab.part"
+    stale.write_bytes(b"half a fi")
+    services = FakeServices()
+
+    async def main() -> None:
+        sweeper, close = await _sweeper(engine, services, output_dir, concurrency=2)
+        try:
+            report = await asyncio.wait_for(sweeper.sweep(), 10)
+        finally:
+            await close()
+        assert report.downloaded == 2
+
+    asyncio.run(main())
+    assert sorted(p.name for p in output_dir.iterdir()) == ["done-again.csv", "done-fresh.csv"]
