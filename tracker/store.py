@@ -348,29 +348,51 @@ class Store:
         and only their parameters change: building and cache-keying a fresh UPDATE for
         every write cost more CPU than executing it.
         """
-        applied: list[bool] = []
-        new_transitions: list[dict[str, Any]] = []
+        decisions = [item for item in writes if isinstance(item, BatchWrite)]
         with self.engine.begin() as connection:
-            for item in writes:
-                if isinstance(item, LeaseExtension):
-                    applied.append(self._extend_one(connection, item, now))
-                    continue
-                ok = self._apply_one(connection, item, now)
-                applied.append(ok)
-                if ok and item.decision.to_state is not item.batch.state:
-                    new_transitions.append(_transition_row(item, now))
+            applied = self._apply_decisions(connection, decisions, now)
+            new_transitions = [
+                _transition_row(write, now)
+                for write, ok in zip(decisions, applied, strict=True)
+                if ok and write.decision.to_state is not write.batch.state
+            ]
             if new_transitions:
                 connection.execute(transitions.insert(), new_transitions)
-        return applied
+            decided = iter(applied)
+            return [
+                next(decided)
+                if isinstance(item, BatchWrite)
+                else self._extend_one(connection, item, now)
+                for item in writes
+            ]
+
+    def _apply_decisions(
+        self, connection: sa.Connection, writes: Sequence[BatchWrite], now: datetime
+    ) -> list[bool]:
+        """Per write, whether it still held its lease."""
+        for write in writes:
+            if write.decision.to_state is not write.batch.state:
+                check_transition(write.batch.state, write.decision.to_state)
+        if len(writes) > 1:
+            # One executemany when every write holds its lease, the usual case; should any
+            # miss, undo it and find out which, one statement each.
+            parameters = [self._decision_parameters(write, now) for write in writes]
+            with connection.begin_nested() as savepoint:
+                if connection.execute(self._batch_update, parameters).rowcount == len(writes):
+                    return [True] * len(writes)
+                savepoint.rollback()
+        return [self._apply_one(connection, write, now) for write in writes]
 
     def _apply_one(self, connection: sa.Connection, write: BatchWrite, now: datetime) -> bool:
+        parameters = self._decision_parameters(write, now)
+        return connection.execute(self._batch_update, parameters).rowcount == 1
+
+    def _decision_parameters(self, write: BatchWrite, now: datetime) -> dict[str, Any]:
         batch, decision = write.batch, write.decision
-        if decision.to_state is not batch.state:
-            check_transition(batch.state, decision.to_state)
         final = decision.to_state in TERMINAL_STATES
         checked = decision.checked
         file = write.file
-        parameters = {
+        return {
             "w_id": batch.id,
             "w_request_id": batch.request_id,
             "w_lease_token": batch.lease_token,
@@ -393,7 +415,6 @@ class Store:
             "n_file_sha256": None if file is None else file.sha256,
             "n_release": not write.keep_lease,
         }
-        return connection.execute(self._batch_update, parameters).rowcount == 1
 
     def _extend_one(self, connection: sa.Connection, item: LeaseExtension, now: datetime) -> bool:
         parameters = {

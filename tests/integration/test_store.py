@@ -193,6 +193,32 @@ def test_concurrent_claimers_never_share_a_batch(database_url: str) -> None:
     assert sum(1 for batch in claimed if batch) >= 2
 
 
+def test_a_group_with_one_stale_write_applies_the_others_and_only_their_transitions(
+    engine: sa.Engine,
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["g1", "g2", "g3"])
+    claimed = {batch.request_id: batch for batch in store.claim_due("w", 3, 60, NOW)}
+    assert store.cancel("g2", NOW)[0] is OperatorResult.DONE  # fences out g2's worker
+    later = NOW + timedelta(minutes=5)
+    writes = [
+        BatchWrite(claimed[name], Decision(State.PROCESSING, later, checked=True, detail=name))
+        for name in ("g1", "g2", "g3")
+    ]
+    assert store.apply(writes, NOW) == [True, False, True]
+    states = {row.request_id: (row.state, row.checks) for row in store.list_batches()}
+    assert states == {"g1": ("processing", 1), "g2": ("cancelled", 0), "g3": ("processing", 1)}
+    chains = {
+        name: [(t.from_state, t.to_state) for t in store.history(claimed[name].id)]
+        for name in ("g1", "g2", "g3")
+    }
+    assert chains == {
+        "g1": [("pending", "processing")],
+        "g2": [("pending", "cancelled")],
+        "g3": [("pending", "processing")],
+    }
+
+
 def test_timestamps_round_trip_as_utc(engine: sa.Engine) -> None:
     store = Store(engine)
     store.enqueue("tz1")
