@@ -379,7 +379,7 @@ class _TempFile:
         batch, size = self._batch, self._batch_size
         self._batch, self._batch_size = [], 0
         if self._writer is None:
-            self._writer = _Writer(self, asyncio.get_running_loop())
+            self._writer = _Writer(self, asyncio.get_running_loop(), offset=self.size - size)
         await self._writer.put(batch, size)
 
     def _sync_and_close(self) -> int:
@@ -401,7 +401,7 @@ class _Writer:
     one, used more CPU per GiB and was no faster on two busy cores.)
     """
 
-    def __init__(self, file: _TempFile, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, file: _TempFile, loop: asyncio.AbstractEventLoop, *, offset: int) -> None:
         self._file = file
         self._loop = loop
         self._batches: deque[tuple[list[bytes], int]] = deque()
@@ -411,7 +411,7 @@ class _Writer:
         self._stopping = False
         self._error: OSError | None = None
         self._finished: asyncio.Future[None] = loop.create_future()
-        self._written = self._written_back = file.size
+        self._written = self._written_back = offset  # where the file ends, for writeback
         file.lend_fd()
         threading.Thread(target=self._run, name="download-writer", daemon=True).start()
 
