@@ -298,6 +298,8 @@ class Sweeper:
         ahead = max(1, self.concurrency // 4)
         claiming: asyncio.Task[tuple[int, list[Tracked]]] | None = None
         exhausted = False
+        loop = asyncio.get_running_loop()
+        quota_at = -math.inf  # out of call permits until then (loop time)
         try:
             while True:
                 while work.backlog and slots.free() > 0 and not self.stopping.is_set():
@@ -306,7 +308,13 @@ class Sweeper:
                     work.checking[asyncio.create_task(check)] = batch
                 may_claim = not self.stopping.is_set() and not exhausted and not report.auth_failed
                 room = slots.free() + ahead - len(work.backlog)
-                if claiming is None and may_claim and (room >= ahead or not work.any()):
+                has_permits = loop.time() >= quota_at
+                if (
+                    claiming is None
+                    and may_claim
+                    and has_permits
+                    and (room >= ahead or not work.any())
+                ):
                     claiming = asyncio.create_task(self._claim(room))
                 if claiming is not None and claiming.done():
                     want, claimed = claiming.result()
@@ -314,19 +322,21 @@ class Sweeper:
                     report.claimed += len(claimed)
                     self.progress += 1
                     work.backlog.extend(claimed)
-                    if want == 0 and not work.any():
-                        # Out of quota: wait for it when it is near (the per-second window),
-                        # else finish and let a later sweep pick up the rest.
-                        wait = throttle.wait_time()
-                        if wait > self.max_quota_wait:
-                            break
-                        await self._sleep_unless_stopping(max(wait, 0.01))
-                        continue
-                    if len(claimed) < want:
+                    if want == 0:
+                        # Out of permits: ask again when the budget says one comes free.
+                        quota_at = loop.time() + max(throttle.wait_time(), 0.01)
+                    elif len(claimed) < want:
                         exhausted = True
                     continue
                 if not work.any() and claiming is None:
-                    break
+                    # Nothing in flight. Out of permits, wait for the next one when it is
+                    # near (the per-second window), else finish and let a later sweep pick
+                    # up the rest.
+                    wait = quota_at - loop.time()
+                    if not may_claim or wait > self.max_quota_wait:
+                        break
+                    await self._sleep_unless_stopping(wait)
+                    continue
                 if self.stopping.is_set():
                     if claiming is not None:
                         work.backlog.extend((await claiming)[1])
@@ -337,8 +347,10 @@ class Sweeper:
                 waiting_on: list[asyncio.Future[Any]] = [*work.tasks(), slot_freed]
                 if claiming is not None:
                     waiting_on.append(claiming)
+                # Wake for the next permit too, if the work in flight does not end first.
+                timeout = min(1.0, max(quota_at - loop.time(), 0.0)) if quota_at > 0 else 1.0
                 done, _ = await asyncio.wait(
-                    waiting_on, timeout=1.0, return_when=asyncio.FIRST_COMPLETED
+                    waiting_on, timeout=timeout or 1.0, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     if task is claiming or not isinstance(task, asyncio.Task):

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from tracker.budget import MemoryBudget
 from tracker.deepvue import DeepvueClient, Throttle
 from tracker.domain.policy import PollPolicy
-from tracker.domain.quota import plan_windows
+from tracker.domain.quota import Grant, plan_windows
 from tracker.download import Downloader
 from tracker.store import Store
 from tracker.sweep import Sweeper
@@ -49,9 +49,10 @@ class FakeServices:
         self.status_calls: list[str] = []
         self.file_requests: list[str] = []
         self.held: dict[str, asyncio.Event] = {}
+        self.api_latency = 0.0
 
     async def api(self, request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0)
+        await asyncio.sleep(self.api_latency)
         if request.url.path == "/v1/authorize":
             return httpx.Response(
                 200, json={"access_token": TOKEN, "expiry": "2099-01-01T00:00:00Z"}
@@ -70,8 +71,22 @@ class FakeServices:
         return httpx.Response(200, stream=httpx.ByteStream(f"id,{request_id}\n".encode()))
 
 
+class CountingBudget(MemoryBudget):
+    """The real in-memory budget, counting how often it is asked."""
+
+    reservations = 0
+
+    async def reserve(self, want: int) -> Grant:
+        self.reservations += 1
+        return await super().reserve(want)
+
+
 async def _sweeper(
-    engine: sa.Engine, services: FakeServices, output_dir: Path, **options: Any
+    engine: sa.Engine,
+    services: FakeServices,
+    output_dir: Path,
+    budget: MemoryBudget | None = None,
+    **options: Any,
 ) -> tuple[Sweeper, Callable[[], Any]]:
     api_http = httpx.AsyncClient(transport=httpx.MockTransport(services.api))
     file_http = httpx.AsyncClient(transport=httpx.MockTransport(services.files))
@@ -80,7 +95,7 @@ async def _sweeper(
         base_url=API,
         client_id="me",
         read_secret=lambda: "client-secret-for-tests",
-        throttle=Throttle(MemoryBudget(plan_windows(1000, 100000, 1000000))),
+        throttle=Throttle(budget or MemoryBudget(plan_windows(1000, 100000, 1000000))),
     )
     downloader = Downloader(file_http, output_dir=output_dir, allowed_hosts=[FILES])
     sweeper = Sweeper(
@@ -232,3 +247,28 @@ def test_a_fetch_cut_off_earlier_leaves_no_temp_file_after_the_next(
 
     asyncio.run(main())
     assert sorted(p.name for p in output_dir.iterdir()) == ["done-again.csv", "done-fresh.csv"]
+
+
+def test_out_of_permits_with_work_in_flight_the_sweep_waits_instead_of_asking_again(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many([f"open-{n}" for n in range(9)])
+    budget = CountingBudget(plan_windows(3, 1000, 100000))
+    services = FakeServices()
+    services.api_latency = 0.3  # calls still in flight when the permits run out
+
+    async def main() -> None:
+        sweeper, close = await _sweeper(
+            engine, services, tmp_path / "out", budget, concurrency=4, max_quota_wait=5.0
+        )
+        try:
+            report = await asyncio.wait_for(sweeper.sweep(), 10)
+        finally:
+            await close()
+        assert report.checked == 9
+
+    asyncio.run(main())
+    # Three calls a second: three seconds' worth of windows, not a busy loop of refusals.
+    assert budget.reservations < 40
+    assert store.count_by_state() == {"processing": 9}
