@@ -14,6 +14,12 @@ Three ways of polling, each on the same days:
   whole simulated run, so it knows the load in advance.
 - tracker: the sweep with the budget-aware schedule.
 
+One more row, for information, splits the tracker's result in two: its age shaping fed the
+base interval chosen with hindsight (the shortest, in 5 s steps from the best fixed one,
+with no quota overrun), instead of the interval it estimates from the trailing day. Its
+ratio to the best fixed is what spending the calls by age buys; the rest of the gap
+between the tracker and the best fixed is the price of not knowing the day's load.
+
 The sweep is modelled as the daemon runs it: a batch is looked at on the first sweep tick
 (every 5 s) at or after it is due; its first check is at insertion; a check the ledger
 refuses waits until the ledger says a call fits. A check held back because the day window
@@ -47,7 +53,12 @@ from common import Figure, ratio_of, run_alone, say
 
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
-from tracker.domain.schedule import BudgetView, LoadHistory, processing_delay
+from tracker.domain.schedule import (
+    BudgetView,
+    LoadHistory,
+    age_shaped_delay,
+    processing_delay,
+)
 
 DAY = 86400.0
 BATCHES_PER_DAY = 150
@@ -255,6 +266,41 @@ def tracker_policy(seed: int, policy: PollPolicy = POLICY) -> NextDelay:
     return next_delay
 
 
+def hindsight_shaped(seed: int, interval: float, policy: PollPolicy = POLICY) -> NextDelay:
+    """The tracker's age shaping around a given base interval instead of its own plan."""
+    rng = random.Random(seed)
+
+    def next_delay(age: float, checks: int, view: Callable[[], BudgetView]) -> float:
+        load = view().load
+        return age_shaped_delay(policy, age=age, interval=interval, load=load, rng=rng)
+
+    return next_delay
+
+
+def best_shaped_interval(
+    batches: Sequence[Batch], scenario: Scenario, seed: int, start: float
+) -> float:
+    """The shortest base interval (to SEARCH_STEP) for the age shaping with no overrun.
+
+    Searched from `start` (the best fixed interval: the shaping spends about as many calls)
+    one step at a time, as the answer is rarely more than a few steps away.
+    """
+
+    def fits(interval: float) -> bool:
+        policy = hindsight_shaped(seed, interval)
+        return simulate(batches, scenario.plan, policy, measured=(0, 0)).overruns == 0
+
+    interval = start
+    if fits(interval):
+        while interval - SEARCH_STEP >= SEARCH_STEP and fits(interval - SEARCH_STEP):
+            interval -= SEARCH_STEP
+        return interval
+    interval += SEARCH_STEP
+    while not fits(interval):
+        interval += SEARCH_STEP
+    return interval
+
+
 def best_fixed_interval(batches: Sequence[Batch], scenario: Scenario) -> float:
     """The shortest interval (to SEARCH_STEP) that never runs into a spent day quota."""
 
@@ -290,10 +336,14 @@ class Outcome:
     naive: Run
     best: Run | None
     best_intervals: list[float]
+    # The age shaping at the hindsight base interval (see the module docstring).
+    shaped: Run | None = None
 
 
 def run_scenario(scenario: Scenario, seeds: Sequence[int], *, with_best: bool = True) -> Outcome:
-    outcome = Outcome(scenario, Run(), Run(), Run() if with_best else None, [])
+    outcome = Outcome(
+        scenario, Run(), Run(), Run() if with_best else None, [], Run() if with_best else None
+    )
     for seed in seeds:
         batches = make_batches(seed, scenario.days)
         measured = scenario.measured
@@ -309,10 +359,14 @@ def run_scenario(scenario: Scenario, seeds: Sequence[int], *, with_best: bool = 
                 naive=True,
             )
         )
-        if outcome.best is not None:
+        if outcome.best is not None and outcome.shaped is not None:
             interval = best_fixed_interval(batches, scenario)
             outcome.best_intervals.append(interval)
             outcome.best.add(simulate(batches, scenario.plan, fixed(interval), measured=measured))
+            base = best_shaped_interval(batches, scenario, seed, start=interval)
+            outcome.shaped.add(
+                simulate(batches, scenario.plan, hindsight_shaped(seed, base), measured=measured)
+            )
     return outcome
 
 
@@ -407,6 +461,20 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
             None,
         )
     )
+    if outcome.shaped is not None:
+        shaped = outcome.shaped
+        rows.append(
+            _figure(
+                f"{label}: p95 detection delay, age shaping at the hindsight interval (vs best fixed)",
+                shaped.quantile(0.95),
+                best.quantile(0.95),
+                "s",
+                "s",
+                "info",
+                None,
+                note=f"p50 {shaped.quantile(0.5):.0f} s, {shaped.calls_per_batch:.2f} calls/batch: what spending by age buys when the day's load is known",
+            )
+        )
     rows.append(
         _figure(
             f"{label}: calls per batch, tracker (vs best fixed)",

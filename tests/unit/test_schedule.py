@@ -6,6 +6,7 @@ import importlib.util
 import math
 import random
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from statistics import NormalDist, mean
 from types import ModuleType
@@ -147,21 +148,24 @@ def test_a_fresh_budget_must_last_until_the_window_gives_back() -> None:
     spent = view(calls_left=750, open_batches=3, load=fresh_load)
     busy = 3.5
     arrivals = 40 / (6 * 3600.0) * 18 * 3600.0
-    until_refill = busy * schedule.HEADROOM * 18 * 3600.0 / (750 - 20 - arrivals)
+    reserve = schedule.RESERVE_SHARE * 1000
+    until_refill = busy * schedule.HEADROOM * 18 * 3600.0 / (750 - reserve - arrivals)
     assert budget_interval(spent) == pytest.approx(until_refill)
     # The same calls left with a full day of history would be planned over a day instead.
     steady = view(calls_left=750, load=steady_load())
     assert budget_interval(steady) < budget_interval(spent)
 
 
-def test_young_batches_wait_longer_than_those_near_the_completion_peak() -> None:
+def test_young_and_long_running_batches_wait_longer_than_those_near_the_median() -> None:
     budget = view(calls_left=300, releases=(40,) * 24)
-    young = mean(delays(budget, age=10.0))
-    peak = mean(delays(budget, age=schedule.HAZARD_PEAK_AT * MEDIAN))
     base = budget_interval(budget)
-    assert young > base > peak
-    # Near the peak the weight is 1: the interval is the plan times the mean weight.
-    assert peak == pytest.approx(base * schedule.MEAN_WEIGHT, rel=0.06)
+    young = mean(delays(budget, age=10.0))
+    near_median = mean(delays(budget, age=MEDIAN))
+    long_running = mean(delays(budget, age=8 * MEDIAN))
+    assert young > base > near_median
+    assert long_running > near_median
+    # Across the plateau the weight is 1: the interval is the plan times the mean weight.
+    assert near_median == pytest.approx(base * schedule._shape().mean_weight, rel=0.03)
 
 
 @settings(max_examples=200, deadline=None)
@@ -192,6 +196,63 @@ def test_always_between_min_and_the_forced_ceiling(
     assert math.isfinite(got)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    calls_left=st.integers(0, 1000),
+    open_batches=st.integers(1, 60),
+    arrivals=st.integers(0, 600),
+    open_hours=st.floats(0, 200),
+    releases=st.lists(st.integers(0, 80), min_size=24, max_size=24),
+)
+def test_the_plan_never_promises_more_calls_than_the_budget_holds(
+    calls_left: int, open_batches: int, arrivals: int, open_hours: float, releases: list[int]
+) -> None:
+    # A full day of history, nothing recent to weigh in: the load is plain to compute here.
+    load = LoadHistory(span=DAY, arrivals=arrivals, open_seconds=open_hours * 3600.0)
+    budget = view(calls_left, open_batches=open_batches, load=load, releases=tuple(releases))
+    interval = budget_interval(budget)
+    if interval >= schedule.FORCED_CEILING:
+        return  # nothing affordable: the ceiling only bounds how long a batch is parked
+    hour, limit = 3600.0, 1000
+    arriving = arrivals / DAY * hour
+    arriving += schedule.ARRIVAL_SPREAD * math.sqrt(arriving)
+    next_hour = open_batches * hour / interval + arriving
+    assert next_hour <= calls_left - schedule.BURST_RESERVE_SHARE * limit + releases[0] + 1e-6
+    busy = max(open_hours * 3600.0 / DAY, 1.0)
+    next_day = schedule.HEADROOM * busy * DAY / interval + arrivals
+    assert next_day <= limit - schedule.RESERVE_SHARE * limit + 1e-6
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    per_day=st.integers(20, 200),
+    median_minutes=st.floats(5, 60),
+    days=st.integers(1, 2),
+)
+def test_simulated_days_never_overrun_the_quota(
+    seed: int, per_day: int, median_minutes: float, days: int
+) -> None:
+    # Any load the Starter quota can serve at all: batches arrive at random, lognormal
+    # durations, every call through the real ledger; no check may wait for a full window.
+    sim = load_quota_sim()
+    rng = random.Random(seed)
+    batches = sorted(
+        (
+            sim.Batch(
+                inserted=day * DAY + rng.uniform(0, DAY),
+                duration=median_minutes * 60 * math.exp(rng.gauss(0, 1)),
+            )
+            for day in range(days)
+            for _ in range(per_day)
+        ),
+        key=lambda batch: batch.inserted,
+    )
+    run = sim.simulate(batches, "starter", sim.tracker_policy(seed), measured=(0.0, days * DAY))
+    assert run.overruns == 0
+    assert run.batches == len(batches)
+
+
 def test_deterministic_for_a_seeded_rng() -> None:
     budget = view(calls_left=300, releases=(40,) * 24)
     first = [
@@ -205,24 +266,137 @@ def test_deterministic_for_a_seeded_rng() -> None:
     assert first == again
 
 
-def test_shape_constants_match_the_lognormal() -> None:
+def test_the_weight_table_follows_the_lognormal_hazard() -> None:
+    # Computed here independently, on a finer grid, from the lognormal's definition.
     normal = NormalDist()
 
     def hazard(x: float) -> float:
         z = math.log(x) / schedule.SHAPE_SIGMA
         return normal.pdf(z) / (x * schedule.SHAPE_SIGMA) / (1 - normal.cdf(z))
 
-    grid = [i / 1000 for i in range(1, 5000)]
+    grid = [i / 2000 for i in range(1, 20_000)]
     peak_at = max(grid, key=hazard)
-    assert peak_at == pytest.approx(schedule.HAZARD_PEAK_AT, abs=0.002)
-    assert hazard(peak_at) == pytest.approx(schedule.HAZARD_PEAK, rel=1e-3)
+    peak = hazard(peak_at)
+    shape = schedule._shape()
+    assert shape.peak_at == pytest.approx(peak_at, abs=0.01)
+    assert peak_at == pytest.approx(0.618, abs=0.002)  # the lognormal's, sigma 1
+
+    def weight(x: float) -> float:
+        return min(1.0, hazard(x) / (schedule.SHAPE_CLIP * peak))
+
+    for x in (0.05, 0.1, 0.15, 0.3, 1.0, 3.0, 5.0, 10.0, 20.0):
+        cell = int(x / schedule.SHAPE_STEP)
+        midpoint = (cell + 0.5) * schedule.SHAPE_STEP
+        assert shape.weights[cell] == pytest.approx(weight(midpoint), abs=0.005)
+    # Flat where most batches finish, lower for the first minutes and the long tail.
+    assert all(w == 1.0 for w in shape.weights[int(0.2 / 0.01) : int(3.0 / 0.01)])
+    assert shape.weights[int(0.05 / 0.01)] < 0.3
+    assert shape.weights[int(10 / 0.01)] < 0.7
+    # The mean weight over open batch-time (the survival function is its density).
     weighted = total = 0.0
-    for i in range(1, 40_000):
+    for i in range(1, 80_000):
         x = i / 2000
         survival = 1 - normal.cdf(math.log(x) / schedule.SHAPE_SIGMA)
-        weighted += survival * math.sqrt(min(hazard(x) / schedule.HAZARD_PEAK, 1.0))
+        weighted += survival * weight(x)
         total += survival
-    assert weighted / total == pytest.approx(schedule.MEAN_WEIGHT, abs=0.002)
+    assert shape.mean_weight == pytest.approx(weighted / total, abs=0.003)
+
+
+def test_the_accumulated_weight_and_its_inverse_agree() -> None:
+    shape = schedule._shape()
+    for x in (0.0, 0.004, 0.5, 1.234, 39.99, 40.0, 55.5):
+        assert shape.age_reaching(shape.accumulated(x)) == pytest.approx(x, abs=1e-9)
+
+
+# --------------------------------------------------------------------------- where the calls go
+
+
+LOOSE = PollPolicy(min_interval=1, max_interval=20 * 3600)  # bounds that never bind here
+
+
+def lifetimes_polled(
+    next_delay: Callable[[float, random.Random], float], durations: list[float]
+) -> tuple[float, list[float]]:
+    """Calls per batch and detection delays when every batch is checked at insertion and
+    then after `next_delay(age)` until a check finds it finished."""
+    rng = random.Random(1)
+    calls = 0
+    found_late = []
+    for duration in durations:
+        age = 0.0
+        calls += 1
+        while age < duration:
+            age += next_delay(age, rng)
+            calls += 1
+        found_late.append(age - duration)
+    return calls / len(durations), sorted(found_late)
+
+
+def lognormal_durations(n: int = 4000) -> list[float]:
+    rng = random.Random(5)
+    return [MEDIAN * math.exp(rng.gauss(0, 1)) for _ in range(n)]
+
+
+def test_checks_concentrate_where_completion_is_likely() -> None:
+    load = steady_load()
+    rng = random.Random(2)
+    # One long batch followed through its life: count its checks per age band.
+    ages = [0.0]
+    while ages[-1] < 10 * MEDIAN:
+        age = ages[-1]
+        ages.append(
+            age + schedule.age_shaped_delay(LOOSE, age=age, interval=400, load=load, rng=rng)
+        )
+
+    def checks_per_hour(low: float, high: float) -> float:
+        # The check at insertion is the sweep's, not the schedule's: leave it out.
+        inside = sum(1 for age in ages[1:] if low * MEDIAN <= age < high * MEDIAN)
+        return inside / ((high - low) * MEDIAN / 3600)
+
+    first_minutes = checks_per_hour(0.0, 0.3)
+    around_median = checks_per_hour(0.3, 2.0)
+    tail = checks_per_hour(5.0, 10.0)
+    assert around_median > 1.4 * first_minutes
+    assert around_median > 1.4 * tail
+
+
+def test_reshaping_moves_calls_without_adding_any() -> None:
+    durations = lognormal_durations()
+    load = steady_load()
+    fixed_calls, _ = lifetimes_polled(lambda age, rng: 400.0, durations)
+    shaped_calls, _ = lifetimes_polled(
+        lambda age, rng: schedule.age_shaped_delay(
+            LOOSE, age=age, interval=400.0, load=load, rng=rng
+        ),
+        durations,
+    )
+    assert shaped_calls == pytest.approx(fixed_calls, rel=0.02)
+
+
+def test_reshaping_lowers_the_p95_delay_for_the_same_calls() -> None:
+    # The design goal of the weight, in isolation from the budget plan: the same durations
+    # polled at a fixed 400 s and by age around a 400 s plan.
+    durations = lognormal_durations()
+    load = steady_load()
+    fixed_calls, fixed_late = lifetimes_polled(lambda age, rng: 400.0, durations)
+    shaped_calls, shaped_late = lifetimes_polled(
+        lambda age, rng: schedule.age_shaped_delay(
+            POLICY, age=age, interval=400.0, load=load, rng=rng
+        ),
+        durations,
+    )
+    p95 = int(0.95 * len(durations))
+    assert shaped_calls <= 1.01 * fixed_calls
+    assert shaped_late[p95] < 0.96 * fixed_late[p95]
+    assert mean(shaped_late) < mean(fixed_late)
+
+
+def test_no_reshaping_without_a_duration_to_go_by() -> None:
+    unknown = LoadHistory(span=DAY, arrivals=0, open_seconds=0.0)
+    got = schedule.age_shaped_delay(
+        POLICY, age=600.0, interval=400.0, load=unknown, rng=random.Random(1)
+    )
+    assert 400 * (1 - schedule.JITTER) <= got <= 400 * (1 + schedule.JITTER)
 
 
 # --------------------------------------------------------------------------- inputs
