@@ -124,7 +124,8 @@ class Settings:
     rate_per_minute: int = PLANS["starter"][1]
     rate_per_day: int = PLANS["starter"][2]
     concurrency: int = 8
-    download_concurrency: int = 4
+    # None: as many as TRACKER_CONCURRENCY.
+    download_concurrency: int | None = None
     http_timeout: float = 30.0
     download_allowed_hosts: tuple[str, ...] = ("*.amazonaws.com",)
     download_deadline: float = 3600.0
