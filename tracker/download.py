@@ -658,6 +658,7 @@ class Downloader:
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._http = http
+        self._timeout = http.timeout.as_dict()
         self._output_dir = output_dir
         # Resolved once: every name is joined to it, and a relative path must keep meaning
         # what it meant when the daemon started.
@@ -903,11 +904,19 @@ class Downloader:
         """One request (following redirects). None when complete, else why not."""
         for _hop in range(MAX_REDIRECTS + 1):
             try:
-                async with self._http.stream("GET", url, headers=headers) as response:
+                # A ready-made request through send(): the client's build_request (URL and
+                # header merging) cost about a tenth of a small file's fetch.
+                request = httpx.Request(
+                    "GET", url, headers=headers, extensions={"timeout": self._timeout}
+                )
+                response = await self._http.send(request, stream=True)
+                try:
                     if response.status_code in _REDIRECT_STATUSES:
                         url = self._redirect_target(response, url, log)
                         continue
                     return await self._consume(response, progress, watch, log)
+                finally:
+                    await response.aclose()
             except DownloadError:
                 raise
             except _CUT_SHORT as exc:
