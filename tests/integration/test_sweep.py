@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,13 +82,15 @@ class CountingBudget(MemoryBudget):
         return await super().reserve(want)
 
 
+@asynccontextmanager
 async def _sweeper(
     engine: sa.Engine,
     services: FakeServices,
     output_dir: Path,
     budget: MemoryBudget | None = None,
     **options: Any,
-) -> tuple[Sweeper, Callable[[], Any]]:
+) -> AsyncIterator[Sweeper]:
+    """A real Sweeper over `engine`, its HTTP clients faked at the transport."""
     api_http = httpx.AsyncClient(transport=httpx.MockTransport(services.api))
     file_http = httpx.AsyncClient(transport=httpx.MockTransport(services.files))
     client = DeepvueClient(
@@ -108,12 +111,18 @@ async def _sweeper(
         shutdown_grace=5,
         **options,
     )
-
-    async def close() -> None:
+    try:
+        yield sweeper
+    finally:
         await api_http.aclose()
         await file_http.aclose()
 
-    return sweeper, close
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait until `condition()` holds; fail after 10 s."""
+    async with asyncio.timeout(10):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 def test_a_slow_download_does_not_hold_up_the_checks_of_other_batches(
@@ -125,22 +134,19 @@ def test_a_slow_download_does_not_hold_up_the_checks_of_other_batches(
     services.held["done-slow"] = asyncio.Event()
 
     async def main() -> None:
-        sweeper, close = await _sweeper(
+        async with _sweeper(
             engine, services, tmp_path / "out", concurrency=1, download_concurrency=2
-        )
-        try:
+        ) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
             # With one worker slot, every other batch is checked while the first one's
             # file is still on its way.
-            async with asyncio.timeout(10):
-                while len(services.status_calls) < 8 or "done-quick" not in services.file_requests:
-                    await asyncio.sleep(0.01)
+            await _until(
+                lambda: len(services.status_calls) == 8 and "done-quick" in services.file_requests
+            )
             assert "done-slow" in services.file_requests
             assert not sweep.done()
             services.held["done-slow"].set()
             report = await asyncio.wait_for(sweep, 10)
-        finally:
-            await close()
         assert report.checked == 8
         assert report.downloaded == 2
 
@@ -162,14 +168,11 @@ def test_checks_wait_for_a_download_slot_instead_of_claiming_more(
     services.held["done-a"] = asyncio.Event()
 
     async def main() -> None:
-        sweeper, close = await _sweeper(
+        async with _sweeper(
             engine, services, tmp_path / "out", concurrency=1, download_concurrency=1
-        )
-        try:
+        ) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
-            async with asyncio.timeout(10):
-                while services.status_calls != ["done-a", "done-b"]:
-                    await asyncio.sleep(0.01)
+            await _until(lambda: services.status_calls == ["done-a", "done-b"])
             # done-b is ready and waits for the only download slot, in the only worker
             # slot: open-1 is not claimed until the slot frees.
             await asyncio.sleep(0.2)
@@ -177,8 +180,6 @@ def test_checks_wait_for_a_download_slot_instead_of_claiming_more(
             assert services.file_requests == ["done-a"]
             services.held["done-a"].set()
             report = await asyncio.wait_for(sweep, 10)
-        finally:
-            await close()
         assert services.status_calls == ["done-a", "done-b", "open-1"]
         assert report.downloaded == 2
 
@@ -195,20 +196,15 @@ def test_stopping_hands_back_a_batch_whose_download_never_started(
     services.held["done-a"] = asyncio.Event()
 
     async def main() -> None:
-        sweeper, close = await _sweeper(
+        async with _sweeper(
             engine, services, tmp_path / "out", concurrency=2, download_concurrency=1
-        )
-        sweeper.shutdown_grace = 0.3
-        try:
+        ) as sweeper:
+            sweeper.shutdown_grace = 0.3
             sweep = asyncio.create_task(sweeper.sweep())
-            async with asyncio.timeout(10):
-                while len(services.status_calls) < 2:
-                    await asyncio.sleep(0.01)
+            await _until(lambda: len(services.status_calls) == 2)
             await asyncio.sleep(0.1)
             sweeper.stopping.set()
             await asyncio.wait_for(sweep, 10)
-        finally:
-            await close()
 
     asyncio.run(main())
     rows = {row.request_id: row for row in store.list_batches()}
@@ -238,11 +234,8 @@ def test_a_fetch_cut_off_earlier_leaves_no_temp_file_after_the_next(
     services = FakeServices()
 
     async def main() -> None:
-        sweeper, close = await _sweeper(engine, services, output_dir, concurrency=2)
-        try:
+        async with _sweeper(engine, services, output_dir, concurrency=2) as sweeper:
             report = await asyncio.wait_for(sweeper.sweep(), 10)
-        finally:
-            await close()
         assert report.downloaded == 2
 
     asyncio.run(main())
@@ -259,13 +252,10 @@ def test_out_of_permits_with_work_in_flight_the_sweep_waits_instead_of_asking_ag
     services.api_latency = 0.3  # calls still in flight when the permits run out
 
     async def main() -> None:
-        sweeper, close = await _sweeper(
+        async with _sweeper(
             engine, services, tmp_path / "out", budget, concurrency=4, max_quota_wait=5.0
-        )
-        try:
+        ) as sweeper:
             report = await asyncio.wait_for(sweeper.sweep(), 10)
-        finally:
-            await close()
         assert report.checked == 9
 
     asyncio.run(main())
