@@ -139,12 +139,6 @@ class Throttle:
         self._pool.append(_Reservation(self._monotonic(), grant, grant.granted))
         return grant.granted
 
-    async def release_unused(self) -> None:
-        """Give back every pooled permit (the sweep claimed fewer batches than it reserved)."""
-        pool, self._pool = self._pool, []
-        for reservation in pool:
-            await self._budget.release(reservation.grant, reservation.left)
-
     async def give_back(self, count: int = 1) -> None:
         """Return reserved permits that will not be used (a batch needed no status call)."""
         while count > 0 and self._pool:

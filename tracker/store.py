@@ -424,10 +424,6 @@ class Store:
         }
         return connection.execute(self._lease_update, parameters).rowcount == 1
 
-    def extend_lease(self, batch: Tracked, lease_seconds: float, now: datetime) -> bool:
-        """Keep a long download's lease alive; False means another owner took the batch."""
-        return self.apply([LeaseExtension(batch, lease_seconds)], now) == [True]
-
     def release_owned(self, owner: str) -> int:
         """Hand back every lease `owner` holds; only when none of its work is in flight."""
         with self.engine.begin() as connection:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 from tracker.domain.policy import Decision, Tracked
 from tracker.domain.states import IllegalTransition, State
-from tracker.store import BatchWrite, OperatorResult, Store, StoredFile
+from tracker.store import BatchWrite, LeaseExtension, OperatorResult, Store, StoredFile
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -90,7 +90,7 @@ def test_expired_lease_is_reclaimed_and_fences_the_old_owner(engine: sa.Engine) 
     # The old owner wakes up: its write is refused, the new owner's lands.
     assert store.apply([BatchWrite(old, processing)], NOW) == [False]
     assert store.apply([BatchWrite(new, processing)], NOW) == [True]
-    assert not store.extend_lease(old, 30, NOW)
+    assert store.apply([LeaseExtension(old, 30)], NOW) == [False]
     row = store.get("lease1")
     assert row is not None and row.state == "processing" and row.lease_owner is None
     assert len(store.history(row.id)) == 1
