@@ -348,9 +348,10 @@ class Sweeper:
                 if claiming is not None:
                     waiting_on.append(claiming)
                 # Wake for the next permit too, if the work in flight does not end first.
-                timeout = min(1.0, max(quota_at - loop.time(), 0.0)) if quota_at > 0 else 1.0
+                until_permit = quota_at - loop.time()
+                timeout = min(until_permit, 1.0) if until_permit > 0 else 1.0
                 done, _ = await asyncio.wait(
-                    waiting_on, timeout=timeout or 1.0, return_when=asyncio.FIRST_COMPLETED
+                    waiting_on, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 for task in done:
                     if task is claiming or not isinstance(task, asyncio.Task):
