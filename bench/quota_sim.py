@@ -397,20 +397,21 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
     label = outcome.scenario.name
     tracker, naive, best = outcome.tracker, outcome.naive, outcome.best
     per_seed = f"{seeds} seeds"
-    rows: list[Figure] = []
+    # Zero overruns is a target on the measured day of every plan; the first day is info.
+    overruns_counted = outcome.scenario is ENTERPRISE or outcome.scenario is STEADY
+    rows = [
+        _figure(
+            f"{label}: quota overruns, tracker (vs fixed 60 s 429s/day)",
+            tracker.overruns,
+            naive.rejected_per_day / seeds,
+            "",
+            "",
+            "= 0" if overruns_counted else "info",
+            tracker.overruns == 0 if overruns_counted else None,
+        )
+    ]
     if outcome.scenario is ENTERPRISE:
         limit = POLICY.min_interval + 10
-        rows.append(
-            _figure(
-                f"{label}: quota overruns, tracker (vs fixed 60 s 429s/day)",
-                tracker.overruns,
-                naive.rejected_per_day / seeds,
-                "",
-                "",
-                "= 0",
-                tracker.overruns == 0,
-            )
-        )
         rows.append(
             _figure(
                 f"{label}: p95 detection delay, tracker (vs min interval + 10 s)",
@@ -427,17 +428,6 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
     assert best is not None
     steady = outcome.scenario is STEADY
     mean_interval = sum(outcome.best_intervals) / len(outcome.best_intervals)
-    rows.append(
-        _figure(
-            f"{label}: quota overruns, tracker (vs fixed 60 s 429s/day)",
-            tracker.overruns,
-            naive.rejected_per_day / seeds,
-            "",
-            "",
-            "= 0" if steady else "info",
-            tracker.overruns == 0 if steady else None,
-        )
-    )
     rows.append(
         _figure(
             f"{label}: p95 detection delay, tracker (vs best fixed)",
