@@ -336,6 +336,18 @@ class Finished:
     max_rss: int
 
 
+def reap(pid: int, deadline: float, *, poll: float) -> tuple[int, Any] | None:
+    """Wait for child `pid` until `deadline` (monotonic): its wait status and its own
+    rusage (wait4), or None if it is still running then."""
+    while True:
+        found, status, usage = os.wait4(pid, os.WNOHANG)
+        if found:
+            return status, usage
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(poll)
+
+
 def run_measured(
     command: Sequence[str],
     *,
@@ -347,16 +359,12 @@ def run_measured(
     """Run a child to completion; its own rusage (wait4), not that of other children."""
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=stdout, stderr=stderr)
-    deadline = started + timeout
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            process.kill()
-            pid, status, usage = os.wait4(process.pid, 0)
-            raise TimeoutError(f"{' '.join(command[:4])} took longer than {timeout:g} s")
-        time.sleep(0.005)
+    reaped = reap(process.pid, started + timeout, poll=0.005)
+    if reaped is None:
+        process.kill()
+        os.wait4(process.pid, 0)
+        raise TimeoutError(f"{' '.join(command[:4])} took longer than {timeout:g} s")
+    status, usage = reaped
     wall = time.monotonic() - started
     process.returncode = os.waitstatus_to_exitcode(status)
     return Finished(
@@ -501,16 +509,12 @@ class RunningDaemon:
             peak = sample_process(self.pid).peak_rss
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signal.SIGTERM)
-        deadline = started + timeout
-        while True:
-            pid, status, usage = os.wait4(self.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                os.kill(self.pid, signal.SIGKILL)
-                pid, status, usage = os.wait4(self.pid, 0)
-                break
-            time.sleep(0.01)
+        reaped = reap(self.pid, started + timeout, poll=0.01)
+        if reaped is None:
+            os.kill(self.pid, signal.SIGKILL)
+            _, status, usage = os.wait4(self.pid, 0)
+        else:
+            status, usage = reaped
         self.process.returncode = os.waitstatus_to_exitcode(status)
         return Finished(
             returncode=self.process.returncode,
