@@ -35,6 +35,17 @@ def _duration(text: str) -> float:
     return value
 
 
+# Heartbeats go out three times per timeout; below this, a busy host could miss them all.
+MIN_HEARTBEAT_TIMEOUT = 3.0
+
+
+def _heartbeat_timeout(text: str) -> float:
+    value = _duration(text)
+    if value < MIN_HEARTBEAT_TIMEOUT:
+        raise ValueError(f"must be at least {MIN_HEARTBEAT_TIMEOUT:g} s")
+    return value
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -131,6 +142,10 @@ class Settings:
     download_deadline: float = 3600.0
     file_mode: int = 0o640
     lease_duration: float = 300.0
+    # An instance whose heartbeat is older than this is presumed dead: its leases are freed.
+    heartbeat_timeout: float = 30.0
+    # The longest pause a 429's Retry-After may impose; a longer one is clamped and logged.
+    max_retry_after: float = 3600.0
     shutdown_grace: float = 20.0
     log_format: str = "json"
     log_level: str = "INFO"
@@ -144,6 +159,7 @@ class Settings:
             min_interval=self.poll_min_interval,
             max_interval=self.poll_max_interval,
             max_age=self.max_age,
+            max_retry_after=self.max_retry_after,
         )
 
     def read_client_secret(self) -> str:
@@ -195,6 +211,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "download_deadline": _duration,
     "file_mode": _mode,
     "lease_duration": _duration,
+    "heartbeat_timeout": _heartbeat_timeout,
+    "max_retry_after": _duration,
     "shutdown_grace": _duration,
     "log_format": _choice("json", "console"),
     "log_level": _log_level,

@@ -27,6 +27,8 @@ class PollPolicy:
     max_age: float = 7 * 86400.0
     max_rejections: int = 3
     max_download_attempts: int = 5
+    # A server's Retry-After is honoured up to this; beyond it, it is clamped.
+    max_retry_after: float = 3600.0
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
