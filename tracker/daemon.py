@@ -11,7 +11,6 @@ import contextlib
 import os
 import signal
 import socket
-import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -21,12 +20,14 @@ import sqlalchemy as sa
 import structlog
 
 from tracker.budget import DatabaseBudget
+from tracker.clock import DatabaseClock
 from tracker.db import create_engine_for, describe_db_error, upgrade_database
 from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client, make_api_transport
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
 from tracker.health import health_problem
+from tracker.instance import boot_identity, dead_predecessors, instance_name
 from tracker.listen import listen_for_new_batches
 from tracker.logs import SecretScrubber
 from tracker.notify import Notifier
@@ -44,11 +45,6 @@ log = structlog.get_logger("tracker.daemon")
 GAUGE_REFRESH_SECONDS = 15.0
 
 
-def instance_name() -> str:
-    """Who holds a lease: readable for operators, unique across restarts."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
 @asynccontextmanager
 async def open_sweeper(
     settings: Settings,
@@ -57,9 +53,17 @@ async def open_sweeper(
     *,
     policy: PollPolicy | None = None,
     metrics: Metrics | None = None,
+    clock: DatabaseClock | None = None,
+    owner: str | None = None,
 ) -> AsyncIterator[Sweeper]:
-    """A Sweeper with its HTTP clients, closed again on exit."""
+    """A Sweeper with its HTTP clients, closed again on exit.
+
+    Its clock is the database's (`clock`, or one read now): due times, leases and the
+    maximum age must mean the same on every host sharing the database.
+    """
     settings.require_credentials()
+    if clock is None:
+        clock = DatabaseClock(await asyncio.to_thread(store.database_now))
 
     def read_secret() -> str:
         secret = settings.read_client_secret()
@@ -99,7 +103,8 @@ async def open_sweeper(
             client=client,
             downloader=downloader,
             policy=policy or settings.poll_policy,
-            owner=instance_name(),
+            owner=owner or instance_name(),
+            clock=clock.now,
             concurrency=settings.concurrency,
             download_concurrency=settings.download_concurrency,
             lease_seconds=settings.lease_duration,
@@ -116,12 +121,16 @@ class Daemon:
         sweeper: Sweeper,
         sweep_interval: float,
         *,
+        clock: DatabaseClock,
+        heartbeat_timeout: float = 30.0,
         on_final: str | None = None,
         on_final_timeout: float = 60.0,
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.sweeper = sweeper
+        self.clock = clock
+        self.heartbeat_timeout = heartbeat_timeout
         self.notifier = notifier
         self.metrics = metrics
         self.sweep_interval = sweep_interval
@@ -142,16 +151,40 @@ class Daemon:
         self._failures = 0
         self._next_try = 0.0
         self._progress_seen = 0
+        # Whether the database has heard of a finished sweep yet (`tracker check` asks).
+        self._sweep_recorded = False
+
+    def heartbeat_interval(self) -> float:
+        # Three heartbeats per timeout: one lost to a database blip does not look like death.
+        return self.heartbeat_timeout / 3
 
     async def heartbeat(self) -> None:
-        """During a long sweep, tell `tracker check` the loop is alive while work moves."""
-        if self._current is None or self.sweeper.progress == self._progress_seen:
+        """Tell the others this instance is alive, and free the leases of silent ones.
+
+        The heartbeat is the one write of an idle daemon. It carries when this instance
+        last swept (during a long sweep: when its work last moved, for `tracker check`),
+        and brings the database's clock back for the due times and leases compared here.
+        """
+        store = self.sweeper.store
+        if self._current is not None and self.sweeper.progress != self._progress_seen:
+            self._progress_seen = self.sweeper.progress
+            self.last_sweep_at = self.clock.now()
+        try:
+            now = await asyncio.to_thread(store.heartbeat, self.sweeper.owner, self.last_sweep_at)
+            self.clock.sync(now)
+            freed = await asyncio.to_thread(store.free_silent_instances, self.heartbeat_timeout)
+        except sa.exc.SQLAlchemyError as error:
+            log.warning("instance.heartbeat_failed", error=describe_db_error(error))
             return
-        self._progress_seen = self.sweeper.progress
-        with contextlib.suppress(sa.exc.SQLAlchemyError):
-            await asyncio.to_thread(
-                self.sweeper.store.record_sweep, self.sweeper.owner, datetime.now(UTC)
+        self._sweep_recorded = self.last_sweep_at is not None
+        if freed:
+            log.warning(
+                "instance.presumed_dead",
+                owners=sorted(freed),
+                batches=sum(freed.values()),
+                detail=f"no heartbeat for {self.heartbeat_timeout:g} s; its batches are free",
             )
+            self.wake()
 
     def wake(self) -> None:
         """Sweep now (a new batch was inserted), or again right after the running sweep."""
@@ -189,8 +222,11 @@ class Daemon:
             return False
         try:
             report = await self.sweeper.sweep()
-            now = datetime.now(UTC)
-            await asyncio.to_thread(self.sweeper.store.record_sweep, self.sweeper.owner, now)
+            now = self.clock.now()
+            self.last_sweep_at = now
+            if not self._sweep_recorded:
+                # The first sweep is told at once; later ones ride on the heartbeat.
+                await self.heartbeat()
         except asyncio.CancelledError:
             raise
         except Exception as error:  # e.g. the database is unreachable right now
@@ -202,7 +238,6 @@ class Daemon:
         if self._failures:
             log.info("sweep.recovered", after_failures=self._failures)
         self._failures = 0
-        self.last_sweep_at = now
         if self.metrics is not None:
             self.metrics.mark_sweep(now.timestamp())
         if self.notifier is not None:
@@ -229,7 +264,9 @@ class Daemon:
         The interval tick is only the safety net: a batch due in 0.5 s is looked at in 0.5 s
         (or when the budget allows), not at the next interval.
         """
-        due = await asyncio.to_thread(self.sweeper.store.next_check_due)
+        due = await asyncio.to_thread(
+            self.sweeper.store.next_check_due, now, self.sweeper.policy.max_age
+        )
         if due is None:
             return
         delay = max((due - now).total_seconds(), self.sweeper.client.throttle.wait_time(), 0.01)
@@ -295,7 +332,7 @@ class Daemon:
             return
         self.metrics.set_batch_counts(counts)
         self.metrics.set_quota(usage)
-        age = (datetime.now(UTC) - oldest.created_at).total_seconds() if oldest else None
+        age = (self.clock.now() - oldest.created_at).total_seconds() if oldest else None
         self.metrics.set_oldest_unfinished_age(age)
 
     def request_stop(self) -> None:
@@ -332,7 +369,7 @@ class Daemon:
         scheduler.add_job(
             self.heartbeat,
             "interval",
-            seconds=self.sweep_interval,
+            seconds=self.heartbeat_interval(),
             id="heartbeat",
             max_instances=1,
             coalesce=True,
@@ -414,26 +451,27 @@ async def run_service(
     try:
         if not await _until_database_answers(engine, early_stop):
             return
-        store = Store(engine, final_hook=settings.on_final is not None)
+        store = Store(
+            engine,
+            final_hook=settings.on_final is not None,
+            refused_retry=settings.poll_max_interval,
+        )
         metrics = None
         if settings.metrics_addr:
             # Imported only when asked for: prometheus_client and aiohttp.web cost memory.
             from tracker.metrics import Metrics
 
             metrics = Metrics()
+        owner = instance_name()
+        clock = DatabaseClock(await _register(store, owner))
         async with open_sweeper(
-            settings, store, scrubber, policy=policy, metrics=metrics
+            settings, store, scrubber, policy=policy, metrics=metrics, clock=clock, owner=owner
         ) as sweeper:
-            await asyncio.to_thread(
-                store.register_instance,
-                sweeper.owner,
-                socket.gethostname(),
-                os.getpid(),
-                datetime.now(UTC),
-            )
             daemon = Daemon(
                 sweeper,
                 settings.sweep_interval,
+                clock=clock,
+                heartbeat_timeout=settings.heartbeat_timeout,
                 on_final=settings.on_final,
                 on_final_timeout=settings.on_final_timeout,
                 notifier=notifier,
@@ -466,12 +504,33 @@ async def run_service(
                 if metrics_server is not None:
                     await metrics_server.cleanup()
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
-                    await asyncio.to_thread(store.mark_stopped, sweeper.owner, datetime.now(UTC))
+                    await asyncio.to_thread(store.mark_stopped, sweeper.owner)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
         notifier.close()
         engine.dispose()
+
+
+async def _register(store: Store, owner: str) -> datetime:
+    """Join the instances, first freeing the leases of this machine's dead predecessors.
+
+    After a crash, systemd restarts the daemon within seconds; the batches its predecessor
+    held are taken up again now, not after the heartbeat timeout or the lease. Returns the
+    database's clock.
+    """
+    host, pid, boot = socket.gethostname(), os.getpid(), boot_identity()
+    predecessors = await asyncio.to_thread(store.running_instances, host)
+    dead = dead_predecessors(predecessors, me=owner, my_pid=pid, my_boot=boot)
+    if dead:
+        freed = await asyncio.to_thread(store.free_instances, dead)
+        log.warning(
+            "instance.predecessors_freed",
+            owners=sorted(freed),
+            batches=sum(freed.values()),
+            detail="their process is gone; their batches are free",
+        )
+    return await asyncio.to_thread(store.register_instance, owner, host, pid, boot)
 
 
 async def _stop_when(daemon: Daemon, store: Store, until: Callable[[Store], bool]) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from datetime import UTC, datetime
+from datetime import datetime
 
 import sqlalchemy as sa
 
@@ -21,8 +21,9 @@ def health_problem(
     this host finished a sweep (or made progress inside a long one) recently.
     """
     host = host or socket.gethostname()
-    now = now or datetime.now(UTC)
-    limit = max(3 * settings.sweep_interval, 60.0)
+    # The last sweep reaches the database with the heartbeat, at most a third of the
+    # heartbeat timeout late.
+    limit = max(3 * settings.sweep_interval, 60.0, settings.heartbeat_timeout)
     options = (
         {"connect_args": {"connect_timeout": 5}} if "postgresql" in settings.database_url else {}
     )
@@ -34,7 +35,10 @@ def health_problem(
                 f"database schema is not current: {len(pending)} migration(s) pending "
                 "(run `tracker db upgrade`)"
             )
-        last = Store(engine).last_sweep(host)
+        store = Store(engine)
+        last = store.last_sweep(host)
+        # Sweeps are stamped with the database's clock, so they are judged by it too.
+        now = now or store.database_now()
     except sa.exc.OperationalError as error:
         reason = describe_db_error(error, with_type=False)
         return f"database unreachable: {reason}"

@@ -155,7 +155,7 @@ quota_state = sa.Table(
     sa.CheckConstraint("id = 1", name="single_row"),
 )
 
-# One row per daemon process: who is running, and when each last finished a sweep.
+# One row per daemon process: who is running, whether it is alive, when it last swept.
 instances = sa.Table(
     "tracker_instances",
     metadata,
@@ -164,6 +164,13 @@ instances = sa.Table(
     sa.Column("pid", sa.Integer, nullable=False),
     sa.Column("started_at", UTCDateTime, nullable=False),
     sa.Column("last_sweep_at", UTCDateTime, nullable=True),
+    # Set on a clean stop, or by another instance that found this one dead.
     sa.Column("stopped_at", UTCDateTime, nullable=True),
+    # Stamped with the database's clock a few times per TRACKER_HEARTBEAT_TIMEOUT; an
+    # instance silent for longer is presumed dead and its leases go to the others.
+    sa.Column("heartbeat_at", UTCDateTime, nullable=True),
+    # The kernel's boot id: with the host name, it tells a daemon that a predecessor whose
+    # pid is gone is really dead (same machine, same boot), not on another machine.
+    sa.Column("boot_id", sa.Text, nullable=True),
     sa.Index("ix_tracker_instances_host", "host"),
 )

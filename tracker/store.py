@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from tracker.db import describe_db_error
 from tracker.domain.policy import Decision, Tracked
-from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, check_transition
+from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, can_transition
 from tracker.schema import batches, instances, transitions
 
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
@@ -95,15 +96,58 @@ class OperatorResult(StrEnum):
     WRONG_STATE = "wrong_state"
 
 
+class WriteRefused(Exception):
+    """One write of a group could not be applied (a forbidden transition, a value the
+    database refused). The rest of its group was committed; its batch was handed back with
+    this message as its last_error."""
+
+
+@dataclass(frozen=True)
+class InstanceRow:
+    owner: str
+    host: str
+    pid: int
+    boot_id: str | None
+    heartbeat_at: datetime | None
+
+
+def connection_lost(error: sa.exc.DBAPIError) -> bool:
+    """The connection failed (the server went away, a lock wait timed out), as opposed to
+    the database refusing one statement's values: the whole transaction is worth retrying."""
+    return error.connection_invalidated or isinstance(error, sa.exc.OperationalError)
+
+
 class Store:
-    def __init__(self, engine: sa.Engine, *, final_hook: bool = False) -> None:
+    def __init__(
+        self, engine: sa.Engine, *, final_hook: bool = False, refused_retry: float = 900.0
+    ) -> None:
         self.engine = engine
         self._dialect = engine.dialect.name
         # With TRACKER_ON_FINAL configured, every batch that becomes final is queued for it.
         self.final_hook = final_hook
+        # A write the database refused would be refused again: its batch is looked at again
+        # after this long (the longest poll interval), not at sweep speed, each time
+        # spending a status call.
+        self.refused_retry = refused_retry
         self._batch_update = _batch_update()
         self._claim = _claim()
+        self._count_due = _count_due()
         self._lease_update = _lease_update()
+        self._hand_back = _hand_back()
+        self._heartbeat = _heartbeat()
+
+    def database_now(self) -> datetime:
+        """The database's clock (PostgreSQL's; on SQLite, one host, the host's)."""
+        with self.engine.begin() as connection:
+            return self._now_in(connection)
+
+    def _now_in(self, connection: sa.Connection) -> datetime:
+        if self._dialect == "postgresql":
+            now: datetime = connection.execute(
+                sa.select(sa.func.clock_timestamp(type_=sa.DateTime(timezone=True)))
+            ).scalar_one()
+            return now.astimezone(UTC)
+        return datetime.now(UTC)
 
     # --- producers and operators -------------------------------------------------
 
@@ -166,12 +210,27 @@ class Store:
         with self.engine.begin() as connection:
             return {state: count for state, count in connection.execute(query)}
 
-    def next_check_due(self) -> datetime | None:
-        """The earliest scheduled check among unfinished batches (None: none scheduled)."""
-        query = sa.select(sa.func.min(batches.c.next_check_at)).where(batches.c.state.in_(_ACTIVE))
+    def next_check_due(self, now: datetime, max_age: float | None = None) -> datetime | None:
+        """When the next unfinished batch can be claimed (None: none is scheduled).
+
+        A batch leased by someone else counts from its lease's end, not from its due time:
+        waking for a batch that cannot be claimed would only spin. A batch counts from its
+        deadline (created_at + max_age) when that comes before its next check.
+        """
+        c = batches.c
+        leased = c.lease_expires_at >= now
+        free = sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < now)
+        query = sa.select(
+            sa.func.min(sa.case((free, c.next_check_at))),
+            sa.func.min(sa.case((leased, c.lease_expires_at))),
+            sa.func.min(sa.case((free, c.created_at))),
+        ).where(c.state.in_(_ACTIVE))
         with self.engine.begin() as connection:
-            due: datetime | None = connection.execute(query).scalar_one_or_none()
-        return due
+            next_free, lease_ends, oldest_free = connection.execute(query).one()
+        times: list[datetime] = [t for t in (next_free, lease_ends) if t is not None]
+        if max_age is not None and oldest_free is not None:
+            times.append(oldest_free + timedelta(seconds=max_age))
+        return min(times, default=None)
 
     def recent_transitions(self, limit: int, label: str | None = None) -> list[TransitionRow]:
         """The latest transitions, newest first (ids grow with every write)."""
@@ -307,22 +366,36 @@ class Store:
     # --- workers -----------------------------------------------------------------
 
     def claim_due(
-        self, owner: str, limit: int, lease_seconds: float, now: datetime
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        now: datetime | None = None,
+        *,
+        max_age: float | None = None,
     ) -> list[Tracked]:
         """Lease up to `limit` due, unfinished, unleased batches to `owner`.
 
-        One statement in one short transaction. PostgreSQL skips rows another instance
-        is claiming at this very moment; SQLite's BEGIN IMMEDIATE makes claims take turns.
+        A batch is due when its next check has come, or when it is older than `max_age`
+        (so that it expires whatever its next_check_at says). Times are the database's
+        unless `now` is given. The same short transaction refreshes the owner's heartbeat:
+        an instance found silent is freed while its row is locked (`free_silent_instances`),
+        so a claim is never made by an owner being declared dead at that very moment.
+        PostgreSQL skips rows another instance is claiming right now; SQLite's BEGIN
+        IMMEDIATE makes claims take turns.
         """
         if limit <= 0:
             return []
-        parameters = {
-            "owner": owner,
-            "limit": limit,
-            "now": now,
-            "expires_at": now + timedelta(seconds=lease_seconds),
-        }
         with self.engine.begin() as connection:
+            now = self._now_in(connection) if now is None else now
+            connection.execute(self._heartbeat, _heartbeat_parameters(owner, now, None))
+            parameters = {
+                "owner": owner,
+                "limit": limit,
+                "now": now,
+                "expired_before": _expired_before(now, max_age),
+                "expires_at": now + timedelta(seconds=lease_seconds),
+            }
             rows = connection.execute(self._claim, parameters).all()
         claimed = [
             Tracked(
@@ -341,24 +414,41 @@ class Store:
         claimed.sort(key=lambda batch: batch.id)
         return claimed
 
-    def apply(self, writes: Sequence[BatchWrite | LeaseExtension], now: datetime) -> list[bool]:
+    def count_due(self, limit: int, now: datetime, *, max_age: float | None = None) -> int:
+        """How many batches `claim_due` would find now, up to `limit`; reads, never writes.
+
+        Lets a sweep with nothing to do end without reserving call permits.
+        """
+        parameters = {"limit": limit, "now": now, "expired_before": _expired_before(now, max_age)}
+        with self.engine.begin() as connection:
+            return int(connection.execute(self._count_due, parameters).scalar_one())
+
+    def apply(
+        self, writes: Sequence[BatchWrite | LeaseExtension], now: datetime
+    ) -> list[bool | WriteRefused]:
         """Write many decisions (and lease keep-alives) in one transaction.
 
-        Per item, whether it still held its lease. The statements are built once per Store
-        and only their parameters change: building and cache-keying a fresh UPDATE for
-        every write cost more CPU than executing it.
+        Per item: True when applied, False when it no longer held its lease, WriteRefused
+        when it could not be applied at all; such a write fails alone, the rest of the group
+        commits, and its batch is handed back. Lost connections raise, for the whole group
+        to be retried. The statements are built once per Store and only their parameters
+        change: building and cache-keying a fresh UPDATE for every write cost more CPU than
+        executing it.
         """
         decisions = [item for item in writes if isinstance(item, BatchWrite)]
         with self.engine.begin() as connection:
-            applied = self._apply_decisions(connection, decisions, now)
+            outcomes = self._apply_decisions(connection, decisions, now)
             new_transitions = [
                 _transition_row(write, now)
-                for write, ok in zip(decisions, applied, strict=True)
-                if ok and write.decision.to_state is not write.batch.state
+                for write, outcome in zip(decisions, outcomes, strict=True)
+                if outcome is True and write.decision.to_state is not write.batch.state
             ]
             if new_transitions:
                 connection.execute(transitions.insert(), new_transitions)
-            decided = iter(applied)
+            for write, outcome in zip(decisions, outcomes, strict=True):
+                if isinstance(outcome, WriteRefused):
+                    self._hand_back_refused(connection, write, str(outcome), now)
+            decided = iter(outcomes)
             return [
                 next(decided)
                 if isinstance(item, BatchWrite)
@@ -368,24 +458,67 @@ class Store:
 
     def _apply_decisions(
         self, connection: sa.Connection, writes: Sequence[BatchWrite], now: datetime
-    ) -> list[bool]:
-        """Per write, whether it still held its lease."""
-        for write in writes:
-            if write.decision.to_state is not write.batch.state:
-                check_transition(write.batch.state, write.decision.to_state)
-        if len(writes) > 1:
-            # One executemany when every write holds its lease, the usual case; should any
-            # miss, undo it and find out which, one statement each.
-            parameters = [self._decision_parameters(write, now) for write in writes]
-            with connection.begin_nested() as savepoint:
-                if connection.execute(self._batch_update, parameters).rowcount == len(writes):
-                    return [True] * len(writes)
-                savepoint.rollback()
-        return [self._apply_one(connection, write, now) for write in writes]
+    ) -> list[bool | WriteRefused]:
+        outcomes: list[bool | WriteRefused] = [
+            WriteRefused(
+                f"a batch cannot go from {write.batch.state} to {write.decision.to_state}; "
+                "the result was not recorded"
+            )
+            if not _allowed(write)
+            else False
+            for write in writes
+        ]
+        valid = [i for i, outcome in enumerate(outcomes) if outcome is False]
+        if len(valid) > 1:
+            # One executemany when every write holds its lease and is accepted, the usual
+            # case; should any miss or fail, undo it and find out which, one statement each.
+            parameters = [self._decision_parameters(writes[i], now) for i in valid]
+            try:
+                with connection.begin_nested() as savepoint:
+                    if connection.execute(self._batch_update, parameters).rowcount == len(valid):
+                        for i in valid:
+                            outcomes[i] = True
+                        return outcomes
+                    savepoint.rollback()
+            except sa.exc.DBAPIError as error:
+                if connection_lost(error):
+                    raise
+        for i in valid:
+            outcomes[i] = self._apply_one(connection, writes[i], now)
+        return outcomes
 
-    def _apply_one(self, connection: sa.Connection, write: BatchWrite, now: datetime) -> bool:
+    def _apply_one(
+        self, connection: sa.Connection, write: BatchWrite, now: datetime
+    ) -> bool | WriteRefused:
         parameters = self._decision_parameters(write, now)
-        return connection.execute(self._batch_update, parameters).rowcount == 1
+        try:
+            with connection.begin_nested():
+                return bool(connection.execute(self._batch_update, parameters).rowcount == 1)
+        except sa.exc.DBAPIError as error:
+            if connection_lost(error):
+                raise
+            return WriteRefused(
+                f"the database refused the result: {describe_db_error(error)}; it was not recorded"
+            )
+
+    def _hand_back_refused(
+        self, connection: sa.Connection, write: BatchWrite, reason: str, now: datetime
+    ) -> None:
+        batch = write.batch
+        parameters = {
+            "w_id": batch.id,
+            "w_lease_token": batch.lease_token,
+            "n_now": now,
+            "n_last_error": reason,
+            "n_next_check_at": now + timedelta(seconds=self.refused_retry),
+        }
+        try:
+            with connection.begin_nested():
+                connection.execute(self._hand_back, parameters)
+        except sa.exc.DBAPIError as error:
+            if connection_lost(error):
+                raise
+            # Even the hand-back was refused: the lease simply runs out.
 
     def _decision_parameters(self, write: BatchWrite, now: datetime) -> dict[str, Any]:
         batch, decision = write.batch, write.decision
@@ -504,23 +637,113 @@ class Store:
 
     # --- instances and health ------------------------------------------------------
 
-    def register_instance(self, owner: str, host: str, pid: int, now: datetime) -> None:
+    def register_instance(self, owner: str, host: str, pid: int, boot_id: str | None) -> datetime:
+        """Record a starting daemon, heartbeating from now on; the database's now."""
+        with self.engine.begin() as connection:
+            now = self._now_in(connection)
+            connection.execute(
+                instances.insert().values(
+                    owner=owner,
+                    host=host,
+                    pid=pid,
+                    boot_id=boot_id,
+                    started_at=now,
+                    heartbeat_at=now,
+                )
+            )
+        return now
+
+    def heartbeat(self, owner: str, last_sweep_at: datetime | None = None) -> datetime:
+        """This instance is alive (and swept at `last_sweep_at`); the database's now.
+
+        A heartbeat also revives an instance that another one had presumed dead (it was
+        paused for longer than the timeout): its old leases are gone, its new work is its own.
+        """
+        with self.engine.begin() as connection:
+            now = self._now_in(connection)
+            connection.execute(self._heartbeat, _heartbeat_parameters(owner, now, last_sweep_at))
+        return now
+
+    def mark_stopped(self, owner: str) -> None:
         with self.engine.begin() as connection:
             connection.execute(
-                instances.insert().values(owner=owner, host=host, pid=pid, started_at=now)
+                instances.update()
+                .where(instances.c.owner == owner)
+                .values(stopped_at=self._now_in(connection))
             )
 
-    def record_sweep(self, owner: str, now: datetime) -> None:
+    def running_instances(self, host: str) -> list[InstanceRow]:
+        """The instances on `host` not known to have stopped."""
+        c = instances.c
+        query = sa.select(c.owner, c.host, c.pid, c.boot_id, c.heartbeat_at).where(
+            c.host == host, c.stopped_at.is_(None)
+        )
         with self.engine.begin() as connection:
-            connection.execute(
-                instances.update().where(instances.c.owner == owner).values(last_sweep_at=now)
-            )
+            return [InstanceRow(**row._mapping) for row in connection.execute(query)]
 
-    def mark_stopped(self, owner: str, now: datetime) -> None:
+    def free_silent_instances(self, timeout: float) -> dict[str, int]:
+        """Presume dead every instance whose heartbeat is older than `timeout` seconds (on
+        the database's clock) and free its leases; per owner freed, the batches it held.
+
+        Instances that never heartbeat (an older version) are left to their lease expiry.
+        Rows being heartbeated right now are skipped: that instance is alive.
+        """
+        c = instances.c
         with self.engine.begin() as connection:
+            now = self._now_in(connection)
+            silent = (
+                connection.execute(
+                    sa.select(c.owner)
+                    .where(
+                        c.stopped_at.is_(None),
+                        c.heartbeat_at < now - timedelta(seconds=timeout),
+                    )
+                    .order_by(c.owner)
+                    .with_for_update(skip_locked=True)
+                )
+                .scalars()
+                .all()
+            )
+            return self._free(connection, silent, now)
+
+    def free_instances(self, owners: Sequence[str]) -> dict[str, int]:
+        """Mark these instances stopped (they are known to be dead) and free their leases."""
+        if not owners:
+            return {}
+        c = instances.c
+        with self.engine.begin() as connection:
+            now = self._now_in(connection)
+            locked = (
+                connection.execute(
+                    sa.select(c.owner)
+                    .where(c.owner.in_(owners), c.stopped_at.is_(None))
+                    .order_by(c.owner)
+                    .with_for_update(skip_locked=True)
+                )
+                .scalars()
+                .all()
+            )
+            return self._free(connection, locked, now)
+
+    def _free(
+        self, connection: sa.Connection, owners: Sequence[str], now: datetime
+    ) -> dict[str, int]:
+        # The lease token stays: the dead owner's writes are still fenced out by the
+        # released lease (lease_owner IS NULL), and by the next claim's new token.
+        freed: dict[str, int] = {}
+        for owner in owners:
             connection.execute(
                 instances.update().where(instances.c.owner == owner).values(stopped_at=now)
             )
+            freed[owner] = connection.execute(
+                batches.update()
+                .where(batches.c.lease_owner == owner)
+                .values(lease_owner=None, lease_expires_at=None)
+            ).rowcount
+        if any(freed.values()) and self._dialect == "postgresql":
+            # Every instance sweeps at once, as for a new batch (LISTEN tracker_wakeup).
+            connection.execute(sa.text("SELECT pg_notify('tracker_wakeup', '')"))
+        return freed
 
     def last_sweep(self, host: str | None = None) -> datetime | None:
         """When a running instance (on `host`, if given) last finished a sweep."""
@@ -588,17 +811,24 @@ def _batch_update() -> sa.Update:
     )
 
 
+def _due() -> sa.ColumnElement[bool]:
+    """Unfinished, unleased, and either due for a check or past its maximum age."""
+    c = batches.c
+    now = sa.bindparam("now", type_=c.next_check_at.type)
+    expired_before = sa.bindparam("expired_before", type_=c.created_at.type)
+    return sa.and_(
+        c.state.in_(_ACTIVE),
+        sa.or_(c.next_check_at.is_(None), c.next_check_at <= now, c.created_at < expired_before),
+        sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < now),
+    )
+
+
 def _claim() -> sa.Update:
     """Lease the due, unfinished, unleased batches, oldest due first."""
     c = batches.c
-    now = sa.bindparam("now", type_=c.next_check_at.type)
     due = (
         sa.select(c.id)
-        .where(
-            c.state.in_(_ACTIVE),
-            sa.or_(c.next_check_at.is_(None), c.next_check_at <= now),
-            sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < now),
-        )
+        .where(_due())
         .order_by(c.next_check_at.nulls_first(), c.id)
         .limit(sa.bindparam("limit", type_=sa.Integer))
         .with_for_update(skip_locked=True)
@@ -625,13 +855,79 @@ def _claim() -> sa.Update:
     )
 
 
+def _count_due() -> sa.Select[Any]:
+    due = sa.select(batches.c.id).where(_due()).limit(sa.bindparam("limit", type_=sa.Integer))
+    return sa.select(sa.func.count()).select_from(due.subquery())
+
+
+def _expired_before(now: datetime, max_age: float | None) -> datetime:
+    """Batches created before this are past their maximum age."""
+    if max_age is None:
+        return datetime.min.replace(tzinfo=UTC)
+    try:
+        return now - timedelta(seconds=max_age)
+    except OverflowError:  # a maximum age reaching back past year 1: nothing is that old
+        return datetime.min.replace(tzinfo=UTC)
+
+
 def _lease_update() -> sa.Update:
     c = batches.c
     return (
         batches.update()
-        .where(c.id == sa.bindparam("w_id"), c.lease_token == sa.bindparam("w_lease_token"))
+        .where(
+            c.id == sa.bindparam("w_id"),
+            c.lease_token == sa.bindparam("w_lease_token"),
+            # A lease freed because its owner was presumed dead is not revived by it.
+            c.lease_owner.is_not(None),
+        )
         .values(lease_expires_at=sa.bindparam("n_expires_at", type_=c.lease_expires_at.type))
     )
+
+
+def _hand_back() -> sa.Update:
+    """Release a claimed batch, saying why its result could not be recorded."""
+    c = batches.c
+    return (
+        batches.update()
+        .where(
+            c.id == sa.bindparam("w_id"),
+            c.lease_token == sa.bindparam("w_lease_token"),
+            c.lease_owner.is_not(None),
+        )
+        .values(
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=sa.bindparam("n_now", type_=c.updated_at.type),
+            last_error=sa.bindparam("n_last_error", type_=c.last_error.type),
+            next_check_at=sa.bindparam("n_next_check_at", type_=c.next_check_at.type),
+        )
+    )
+
+
+def _heartbeat() -> sa.Update:
+    c = instances.c
+    return (
+        instances.update()
+        .where(c.owner == sa.bindparam("i_owner"))
+        .values(
+            heartbeat_at=sa.bindparam("i_now", type_=c.heartbeat_at.type),
+            stopped_at=None,
+            last_sweep_at=sa.func.coalesce(
+                sa.bindparam("i_last_sweep", type_=c.last_sweep_at.type), c.last_sweep_at
+            ),
+        )
+    )
+
+
+def _heartbeat_parameters(
+    owner: str, now: datetime, last_sweep_at: datetime | None
+) -> dict[str, Any]:
+    return {"i_owner": owner, "i_now": now, "i_last_sweep": last_sweep_at}
+
+
+def _allowed(write: BatchWrite) -> bool:
+    to_state = write.decision.to_state
+    return to_state is write.batch.state or can_transition(write.batch.state, to_state)
 
 
 def _transition_row(write: BatchWrite, now: datetime) -> dict[str, Any]:

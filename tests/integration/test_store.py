@@ -10,8 +10,15 @@ import pytest
 import sqlalchemy as sa
 
 from tracker.domain.policy import Decision, Tracked
-from tracker.domain.states import IllegalTransition, State
-from tracker.store import BatchWrite, LeaseExtension, OperatorResult, Store, StoredFile
+from tracker.domain.states import State
+from tracker.store import (
+    BatchWrite,
+    LeaseExtension,
+    OperatorResult,
+    Store,
+    StoredFile,
+    WriteRefused,
+)
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
 
@@ -120,12 +127,30 @@ def test_apply_records_a_consistent_transition_chain(engine: sa.Engine) -> None:
     assert store.claim_due("w", 10, 60, NOW + timedelta(days=1)) == []
 
 
-def test_illegal_transition_is_refused(engine: sa.Engine) -> None:
-    store = Store(engine)
-    store.enqueue("illegal1")
-    [batch] = store.claim_due("w", 1, 60, NOW)
-    with pytest.raises(IllegalTransition):
-        store.apply([BatchWrite(batch, Decision(State.DOWNLOADED, None))], NOW)
+def test_an_illegal_transition_fails_alone_and_its_batch_is_handed_back(engine: sa.Engine) -> None:
+    store = Store(engine, refused_retry=600)
+    store.enqueue_many(["ok1", "illegal1", "ok2"])
+    claimed = {batch.request_id: batch for batch in store.claim_due("w", 3, 60, NOW)}
+    later = NOW + timedelta(minutes=5)
+    writes = [
+        BatchWrite(claimed["ok1"], Decision(State.PROCESSING, later, checked=True)),
+        BatchWrite(claimed["illegal1"], Decision(State.DOWNLOADED, None, checked=True)),
+        BatchWrite(claimed["ok2"], Decision(State.PROCESSING, later, checked=True)),
+    ]
+    first, refused, last = store.apply(writes, NOW)
+    assert (first, last) == (True, True)
+    assert isinstance(refused, WriteRefused)
+    assert "cannot go from pending to downloaded" in str(refused)
+    rows = {row.request_id: row for row in store.list_batches()}
+    assert (rows["ok1"].state, rows["ok1"].checks) == ("processing", 1)
+    assert (rows["ok2"].state, rows["ok2"].checks) == ("processing", 1)
+    bad = rows["illegal1"]
+    assert (bad.state, bad.checks, bad.lease_owner, bad.lease_expires_at) == ("pending", 0, None, None)
+    assert bad.last_error == str(refused)
+    # Not at once again: the same write would be refused again, each time after a status call.
+    assert bad.next_check_at == NOW + timedelta(seconds=600)
+    assert store.history(bad.id) == []
+    assert len(store.history(rows["ok1"].id)) == 1
 
 
 def test_hand_edited_state_turns_a_write_into_a_conflict(engine: sa.Engine) -> None:
