@@ -5,6 +5,10 @@ PostgreSQL at the same time (each measured alone from /proc/<pid>/stat and statu
 60 s (15 s with --quick), counted from its first finished sweep. CPU is the daemon's CPU
 seconds over the wall seconds; RSS is its peak (VmHWM), start-up included.
 
+Idle beside a busy instance: the same, with one batch that is due but leased for an hour
+by another (live) instance, as while it downloads a long file. A daemon that can claim
+nothing must be as idle as one with nothing due: it once swept ~65 times a second.
+
 Start-up: `tracker --help` against `python -c 'import sqlalchemy, httpx, apscheduler,
 structlog'`, interleaved, median of several runs each.
 
@@ -14,8 +18,10 @@ Run alone: `python bench/idle.py [--quick]`.
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -52,6 +58,42 @@ HELP_TARGET = 0.5
 IMPORTS = "import sqlalchemy, httpx, apscheduler, structlog"
 
 
+LEASED_ELSEWHERE = "leased elsewhere"
+NOTHING_DUE = "not due"
+
+
+BUSY_OWNER = "busy-host:1:0000beef"
+
+
+@contextmanager
+def leased_elsewhere(url: str, request_id: str) -> Iterator[None]:
+    """`request_id` due, but leased for an hour by another instance that stays alive
+    (heartbeating here, as its daemon would), so nobody may take it over."""
+    from tracker.db import create_engine_for
+    from tracker.store import Store
+
+    engine = create_engine_for(url)
+    stop = threading.Event()
+    store = Store(engine)
+    store.register_instance(BUSY_OWNER, "busy-host", 1, None)
+    claimed = store.claim_due(BUSY_OWNER, 1, 3600)
+    if [batch.request_id for batch in claimed] != [request_id]:
+        raise RuntimeError(f"could not lease {request_id} to the other instance")
+
+    def keep_alive() -> None:
+        while not stop.wait(2.0):
+            store.heartbeat(BUSY_OWNER)
+
+    beating = threading.Thread(target=keep_alive, name="busy-heartbeat", daemon=True)
+    beating.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beating.join(timeout=10)
+        engine.dispose()
+
+
 def idle_figures(seconds: float) -> list[Figure]:
     admin = pg_admin_engine()
     figures: list[Figure] = []
@@ -60,35 +102,40 @@ def idle_figures(seconds: float) -> list[Figure]:
             api = stack.enter_context(fake_api())
             daemons = {}
             for backend in backends(admin):
-                directory = stack.enter_context(temp_dir())
-                url = stack.enter_context(database(backend, admin, directory))
-                insert_batches(
-                    url,
-                    [f"idle-{i:06d}" for i in range(NOT_DUE)],
-                    next_check_at=utcnow() + timedelta(hours=1),
-                )
-                env = tracker_env(url, api.url, directory / "out")
-                daemons[backend] = stack.enter_context(
-                    running_daemon(env, directory / "daemon.log")
-                )
+                for scenario in (NOTHING_DUE, LEASED_ELSEWHERE):
+                    directory = stack.enter_context(temp_dir())
+                    url = stack.enter_context(database(backend, admin, directory))
+                    if scenario == LEASED_ELSEWHERE:
+                        insert_batches(url, ["busy-000000"])
+                        stack.enter_context(leased_elsewhere(url, "busy-000000"))
+                    insert_batches(
+                        url,
+                        [f"idle-{i:06d}" for i in range(NOT_DUE)],
+                        next_check_at=utcnow() + timedelta(hours=1),
+                    )
+                    env = tracker_env(url, api.url, directory / "out")
+                    daemons[backend, scenario] = stack.enter_context(
+                        running_daemon(env, directory / "daemon.log")
+                    )
             starts = {}
             for daemon in daemons.values():
                 daemon.wait_for_event("daemon.started", 60)
             # Give the first sweep (and PostgreSQL's listener) a moment to finish.
             time.sleep(1.0)
-            for backend, daemon in daemons.items():
-                starts[backend] = (time.monotonic(), sample_process(daemon.pid))
+            for key, daemon in daemons.items():
+                starts[key] = (time.monotonic(), sample_process(daemon.pid))
             say(f"idle: {len(daemons)} daemon(s) with {NOT_DUE:,} batches not due, {seconds:g} s")
             time.sleep(seconds)
-            for backend, daemon in daemons.items():
+            for (backend, scenario), daemon in daemons.items():
                 end = sample_process(daemon.pid)
-                started_at, start = starts[backend]
+                started_at, start = starts[backend, scenario]
                 wall = time.monotonic() - started_at
                 cpu = end.cpu - start.cpu
                 fraction = cpu / wall
+                beside = ", 1 due batch leased elsewhere" if scenario == LEASED_ELSEWHERE else ""
                 figures.append(
                     Figure(
-                        f"idle: CPU of tracker run, {backend}, {NOT_DUE:,} not due, {seconds:g} s",
+                        f"idle: CPU of tracker run, {backend}, {NOT_DUE:,} not due{beside}, {seconds:g} s",
                         cpu,
                         wall,
                         "s CPU",
@@ -98,6 +145,8 @@ def idle_figures(seconds: float) -> list[Figure]:
                         fraction <= CPU_TARGET,
                     )
                 )
+                if scenario == LEASED_ELSEWHERE:
+                    continue
                 figures.append(
                     Figure(
                         f"idle: peak RSS of tracker run, {backend}",
