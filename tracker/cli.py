@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from types import FrameType
+
     from tracker.settings import Settings
     from tracker.store import Store
 
@@ -65,8 +68,35 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings(args)
     settings.require_credentials()
     scrubber = _logging(settings)
+    if _signalled_before_start:  # some `except BaseException` swallowed its SystemExit
+        return EXIT_OK
     asyncio.run(run_service(settings, scrubber))
     return EXIT_OK
+
+
+# Set by the handler below: cmd_run checks it in case an `except BaseException` somewhere in
+# the start-up code swallowed the SystemExit.
+_signalled_before_start = False
+
+
+def _exit_0_on_signals_until_the_daemon_starts() -> None:
+    """SIGTERM or SIGINT from now until run_service installs its own handlers: exit 0.
+
+    Importing SQLAlchemy, httpx and APScheduler, loading settings and setting up logging
+    come before run_service installs the daemon's handlers (its first step; they replace
+    these). With the default action a signal in that window killed the process by signal,
+    which systemd counts as a failure, though nothing was claimed yet. The handler raises
+    rather than sets a flag: Python retries a system call the signal interrupted (a blocking
+    open() or read()) once the handler returns, so only an exception gets out of it.
+    """
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _exit_before_start)
+
+
+def _exit_before_start(signum: int, frame: FrameType | None) -> None:
+    global _signalled_before_start
+    _signalled_before_start = True
+    raise SystemExit(EXIT_OK)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -526,6 +556,9 @@ def _state_arg(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.handler is cmd_run:
+        # Before anything heavy is imported (the next line already is).
+        _exit_0_on_signals_until_the_daemon_starts()
     from sqlalchemy.exc import OperationalError
 
     from tracker.db import describe_db_error
