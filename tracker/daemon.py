@@ -449,7 +449,7 @@ async def run_service(
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, early_stop.set)
     try:
-        if not await _until_database_answers(engine, early_stop):
+        if not await _until_database_answers(engine, early_stop) or early_stop.is_set():
             return
         store = Store(
             engine,
@@ -495,6 +495,9 @@ async def run_service(
                     metrics,
                     lambda: asyncio.to_thread(health_problem, settings),
                 )
+            if early_stop.is_set():
+                # A signal during start-up (migrations, registering): stop as soon as started.
+                daemon.request_stop()
             try:
                 await daemon.run()
             finally:
