@@ -341,6 +341,8 @@ def cmd_fake_api(args: argparse.Namespace) -> int:
         url_ttl=args.url_ttl,
         file_size=args.file_size,
         big_file_size=args.big_file_size,
+        throttle_first=args.throttle_first,
+        throttle_retry_after=args.throttle_retry_after,
     )
 
     def announce(url: str) -> None:
@@ -524,6 +526,19 @@ def build_parser() -> argparse.ArgumentParser:
     fake.add_argument("--file-size", type=int, default=4096, help="bytes per output file")
     fake.add_argument(
         "--big-file-size", type=int, default=8 << 20, help="bytes for ids starting big-"
+    )
+    fake.add_argument(
+        "--throttle-first",
+        type=int,
+        default=0,
+        metavar="N",
+        help="answer the first N status calls (since start or /_sim/reset) with 429",
+    )
+    fake.add_argument(
+        "--throttle-retry-after",
+        default="300",
+        metavar="VALUE",
+        help="the Retry-After header of those 429s, sent as given (default 300)",
     )
 
     demo = command(

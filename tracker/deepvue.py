@@ -2,7 +2,9 @@
 
 Everything that decides what an answer means lives in `tracker.domain.answers`; this module
 only does the HTTP, the token life cycle and the shared rate limiting, and turns each answer
-into a `StatusAnswer` (or raises `AuthFailed` when the credentials themselves are refused).
+into a `StatusAnswer` (or raises `AuthFailed` when the credentials themselves are refused,
+and `CallsPaused` when no call may start for longer than a worker should hold on to a
+claimed batch).
 
 Secrets: the client secret (also sent as `x-api-key`) and the access token never appear in an
 exception message, a log event or a `StatusAnswer`; anything the server echoes is scrubbed.
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AuthFailed",
+    "CallsPaused",
     "DeepvueClient",
     "SubmitFailed",
     "Throttle",
@@ -65,9 +68,12 @@ _MIN_TOKEN_USE = timedelta(seconds=60)
 # 429 without Retry-After: pause 2, 4, 8 ... seconds for consecutive 429s, capped.
 _BACKOFF_BASE = 2.0
 _BACKOFF_CAP = 60.0
-# Honour Retry-After, but not beyond a day (the longest Deepvue window): a garbled huge value
+# Honour Retry-After up to this by default (TRACKER_MAX_RETRY_AFTER): a garbled huge value
 # must not silence the service for good.
-_RETRY_AFTER_CAP = 86400.0
+DEFAULT_MAX_RETRY_AFTER = 3600.0
+# The longest wait for a permit that a call sleeps through by default; beyond it the throttle
+# raises CallsPaused, so that the caller can hand its batch back instead of holding it.
+DEFAULT_LONGEST_WAIT = 5.0
 # Never sleep less than this in the throttle loop: float rounding can leave a wait of 1e-12 s,
 # which a clock might not advance past, turning the loop into a spin.
 _MIN_SLEEP = 0.001
@@ -89,6 +95,20 @@ class SubmitFailed(Exception):
     """Deepvue did not accept an uploaded batch file; the message says why."""
 
 
+class CallsPaused(Exception):
+    """No call may start for `seconds` more: longer than the throttle's `longest_wait`.
+
+    Raised instead of sleeping through a 429's pause (here or, through the shared budget,
+    in another instance) or a long wait for the quota, so that a worker does not sit on a
+    claimed batch meanwhile. Nothing was sent and nothing counted: the batch may be handed
+    back untouched. `Throttle.wait_time()` says when to try again.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"API calls paused for {seconds:.1f} s more")
+        self.seconds = seconds
+
+
 @dataclasses.dataclass
 class _Reservation:
     reserved_at: float
@@ -103,6 +123,9 @@ class Throttle:
     takes one. Permits are used within `permit_ttl` of being reserved or given back: the
     budget counted them at reservation time, and a permit used much later could push a
     window over its limit. A 429 pauses the whole budget, not just this process.
+
+    `acquire()` sleeps through short waits (the per-second window); a wait longer than
+    `longest_wait` (a pause, or a spent minute or day) raises CallsPaused instead.
     Create it inside the event loop that uses it.
     """
 
@@ -113,11 +136,13 @@ class Throttle:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         permit_ttl: float = 0.1,
+        longest_wait: float = DEFAULT_LONGEST_WAIT,
     ) -> None:
         self._budget = budget
         self._monotonic = monotonic
         self._sleep = sleep
         self._permit_ttl = permit_ttl
+        self._longest_wait = longest_wait
         self._paused_until = -math.inf
         self._free_at = -math.inf  # when the budget said the next permit may come
         self._pool: list[_Reservation] = []
@@ -150,13 +175,29 @@ class Throttle:
                 self._pool.pop(0)
             await self._budget.release(reservation.grant, returned)
 
+    @property
+    def longest_wait(self) -> float:
+        """The longest wait `acquire()` sleeps through rather than raising CallsPaused."""
+        return self._longest_wait
+
+    def check_paused(self) -> None:
+        """Raise CallsPaused if this process's own pause outlasts `longest_wait` (no I/O)."""
+        left = self._paused_until - self._monotonic()
+        if left > self._longest_wait:
+            raise CallsPaused(left)
+
     async def acquire(self) -> None:
-        """Wait until a call may start and take its permit."""
+        """Wait until a call may start and take its permit.
+
+        Raises CallsPaused, having taken nothing, when the wait would be longer than
+        `longest_wait`: the pool's permits then go back to the budget, since none of them
+        could be used in time.
+        """
         while True:
             await self._expire_pool()
             now = self._monotonic()
             if now < self._paused_until:
-                await self._sleep(max(self._paused_until - now, _MIN_SLEEP))
+                await self._wait(self._paused_until - now)
                 continue
             if self._pool:
                 self._pool[0].left -= 1
@@ -166,8 +207,15 @@ class Throttle:
             grant = await self._budget.reserve(1)
             if grant.granted:
                 return
+            # The budget may be paused by another instance: its wait covers that too.
             self._free_at = self._monotonic() + grant.wait
-            await self._sleep(max(grant.wait, _MIN_SLEEP))
+            await self._wait(grant.wait)
+
+    async def _wait(self, seconds: float) -> None:
+        if seconds > self._longest_wait:
+            await self._return_pool()
+            raise CallsPaused(seconds)
+        await self._sleep(max(seconds, _MIN_SLEEP))
 
     async def pause(self, seconds: float) -> None:
         """No call starts before now + seconds, in this process and in every other one."""
@@ -177,7 +225,11 @@ class Throttle:
         await self._budget.pause(seconds)
 
     def paused_for(self) -> float:
-        """Seconds of pause left (0.0 when not paused)."""
+        """Seconds left of this process's pause (0.0 when not paused).
+
+        A pause that another instance put on the shared budget is learnt by asking the
+        budget for a permit; it shows in `wait_time()`.
+        """
         return max(self._paused_until - self._monotonic(), 0.0)
 
     def wait_time(self) -> float:
@@ -193,6 +245,11 @@ class Throttle:
         while self._pool and now - self._pool[0].reserved_at > self._permit_ttl:
             expired = self._pool.pop(0)
             await self._budget.release(expired.grant, expired.left)
+
+    async def _return_pool(self) -> None:
+        while self._pool:
+            unused = self._pool.pop(0)
+            await self._budget.release(unused.grant, unused.left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,11 +281,15 @@ class DeepvueClient:
         utcnow: Callable[[], datetime] = lambda: datetime.now(UTC),
         refresh_margin: float = 300.0,
         status_transport: httpx.AsyncBaseTransport | None = None,
+        max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
     ) -> None:
         """`status_transport`, when given, carries the status calls straight to the wire,
         without `http`'s per-request machinery (auth flow, redirect handling, cookies, event
         hooks): about 40 % of the CPU of a status call (bench/engine.py), and the status
         call is the one made thousands of times. Pass the transport `http` itself uses.
+
+        `max_retry_after` (TRACKER_MAX_RETRY_AFTER) is the longest pause a 429's
+        Retry-After may impose; a longer one is clamped to it and logged.
         """
         self._http = http
         self._status_transport = status_transport
@@ -249,6 +310,7 @@ class DeepvueClient:
         # The secret last sent, kept only to scrub it from anything the server echoes back.
         self._secret = ""
         self._consecutive_429 = 0
+        self._max_retry_after = max_retry_after
 
     @property
     def throttle(self) -> Throttle:
@@ -263,8 +325,12 @@ class DeepvueClient:
         """Ask Deepvue how batch `request_id` is doing.
 
         Returns a classified answer for everything except credentials that stay refused after
-        one re-authorize, which raise `AuthFailed`.
+        one re-authorize, which raise `AuthFailed`, and a call that may not start for longer
+        than the throttle's `longest_wait`, which raises `CallsPaused` (no request was sent,
+        nothing counts against the batch).
         """
+        # During a known pause, not even an authorize goes out.
+        self._throttle.check_paused()
         try:
             token = await self._get_token(rejected=None)
         except _AuthUnavailable as exc:
@@ -326,7 +392,13 @@ class DeepvueClient:
         )
 
     async def _submit_call(self, batch_file: Path, token: _Token) -> httpx.Response:
-        await self._throttle.acquire()
+        try:
+            await self._throttle.acquire()
+        except CallsPaused as paused:
+            raise SubmitFailed(
+                f"Deepvue calls are paused for {paused.seconds:.0f} s more (rate limited); "
+                "try again later"
+            ) from None
         try:
             with batch_file.open("rb") as upload:
                 return await self._http.post(
@@ -379,13 +451,24 @@ class DeepvueClient:
             if answer.http_status is not None:
                 self._consecutive_429 = 0
             return answer
-        await self._rate_limited(answer.retry_after, request_id=request_id)
+        pause = await self._rate_limited(answer.retry_after, request_id=request_id)
+        if answer.retry_after is not None and pause < answer.retry_after:
+            # The batch is rescheduled by the pause actually taken, not the server's figure.
+            return dataclasses.replace(answer, retry_after=pause)
         return answer
 
-    async def _rate_limited(self, retry_after: float | None, **context: Any) -> None:
+    async def _rate_limited(self, retry_after: float | None, **context: Any) -> float:
+        """Pause every call after a 429; the pause taken, in seconds."""
         self._consecutive_429 += 1
         if retry_after is not None:
-            pause = min(retry_after, _RETRY_AFTER_CAP)
+            pause = min(retry_after, self._max_retry_after)
+            if pause < retry_after:
+                _log.warning(
+                    "api.retry_after_clamped",
+                    retry_after=retry_after,
+                    max_retry_after=self._max_retry_after,
+                    **context,
+                )
         else:
             # Exponential, capped, with jitter so several processes sharing the key do not
             # come back in lock step; at least half the step, so the pause still grows.
@@ -399,6 +482,7 @@ class DeepvueClient:
             consecutive=self._consecutive_429,
             **context,
         )
+        return pause
 
     # -- token ---------------------------------------------------------------------------
 

@@ -49,17 +49,23 @@ prefix         behaviour of ``GET /v1/verification/batch-processing-status``
 =============  ==========================================================================
 
 Order of checks for a status call: ``latency`` sleep, auth (401/403), missing
-``request_id`` (422), configured rate limits (429, no Retry-After), ``error_rate`` (503),
-then the prefix table above.
+``request_id`` (422), ``throttle_first`` (429 with ``Retry-After: throttle_retry_after``
+for the first N status calls since start or the last reset, whatever their id), configured
+rate limits (429, no Retry-After), ``error_rate`` (503), then the prefix table above.
 
 Output files (``GET /upi-basic-batch-output-files/<id>.<csv|xlsx>``) are deterministic CSV
 (see :func:`output_bytes`), streamed in 64 KiB chunks with a strong ETag, ``Accept-Ranges``,
 single-range ``Range`` support and ``If-Range``. Test hooks: ``GET /_sim/stats`` and
 ``POST /_sim/reset``. In the stats, ``status_calls`` counts every authenticated status call
-that named a request_id (429 and 503 answers included); ``rate_limited`` counts 429s (limits
-and the ``ratelimit-`` prefix); ``errors_served`` counts injected faults (``error_rate`` and
-``flaky-`` 503s, ``garbage-`` HTML); ``redirects_served`` counts ``badurl-redirect-`` 302s;
-``downloads`` keeps the newest 10,000 requests.
+that named a request_id (429 and 503 answers included); ``rate_limited`` counts 429s
+(``throttle_first``, limits and the ``ratelimit-`` prefix); ``errors_served`` counts injected
+faults (``error_rate`` and ``flaky-`` 503s, ``garbage-`` HTML); ``redirects_served`` counts
+``badurl-redirect-`` 302s; ``downloads`` keeps the newest 10,000 requests.
+``overlapping_status_calls`` counts the status calls that arrived while another status call
+for the same request_id was still being answered (``latency`` makes answers take time), and
+``overlapping_by_id`` says how many per request_id: a client that never asks twice at once
+about one batch keeps both at zero. Only calls counted in ``status_calls`` count as
+overlapping, but every in-flight call for the id (authenticated or not) is overlapped.
 """
 
 from __future__ import annotations
@@ -120,6 +126,10 @@ class SimulatorConfig:
     file_size: int = 4096
     big_file_size: int = 8 * 1024 * 1024
     seed: int = 0
+    # The first `throttle_first` status calls (since start or /_sim/reset) answer 429 with
+    # this Retry-After header, sent verbatim: "300", "1e12" or an HTTP-date.
+    throttle_first: int = 0
+    throttle_retry_after: str = "300"
 
 
 # --------------------------------------------------------------------------- output content
@@ -324,6 +334,7 @@ class _Simulator:
         self._id_rng = random.Random(f"{config.seed}:request-ids")
         # Set on shutdown so `stall-` responses end instead of holding the server for an hour.
         self.stopping = asyncio.Event()
+        self._generation = 0
         self.reset()
 
     def reset(self) -> None:
@@ -348,6 +359,13 @@ class _Simulator:
         self.downloads: deque[dict[str, Any]] = deque(maxlen=_MAX_RECORDED_DOWNLOADS)
         self.submissions = 0
         self.redirects_served = 0
+        # Status calls being answered right now, per request_id. A call remembers the
+        # generation it started in, so that one still in flight across a reset does not
+        # uncount a call of the new generation.
+        self._generation += 1
+        self._in_flight: dict[str, int] = {}
+        self.overlapping_status_calls = 0
+        self.overlapping_by_id: dict[str, int] = {}
 
     def snapshot(self) -> dict[str, Any]:
         stats = {
@@ -359,6 +377,8 @@ class _Simulator:
             "downloads": list(self.downloads),
             "submissions": self.submissions,
             "redirects_served": self.redirects_served,
+            "overlapping_status_calls": self.overlapping_status_calls,
+            "overlapping_by_id": self.overlapping_by_id,
         }
         # A deep, JSON-identical copy: callers on other threads must not see later mutation.
         result: dict[str, Any] = json.loads(json.dumps(stats))
@@ -487,17 +507,47 @@ class _Simulator:
         )
 
     async def status(self, request: web.Request) -> web.StreamResponse:
+        request_id = request.query.get("request_id")
+        if request_id is None:
+            return await self._status(request, None, overlapping=False)
+        # In flight from arrival to answer, the latency sleep included.
+        generation = self._generation
+        in_flight = self._in_flight
+        overlapping = in_flight.get(request_id, 0) > 0
+        in_flight[request_id] = in_flight.get(request_id, 0) + 1
+        try:
+            return await self._status(request, request_id, overlapping=overlapping)
+        finally:
+            if generation == self._generation:
+                left = in_flight[request_id] - 1
+                if left:
+                    in_flight[request_id] = left
+                else:
+                    del in_flight[request_id]
+
+    async def _status(
+        self, request: web.Request, request_id: str | None, *, overlapping: bool
+    ) -> web.StreamResponse:
         cfg = self.config
         if cfg.latency > 0:
             await asyncio.sleep(cfg.latency)
         error = self._auth_error(request)
         if error is not None:
             return error
-        request_id = request.query.get("request_id")
         if request_id is None:
             return _missing_field("query", "request_id")
         self.status_calls_total += 1
         self.status_calls[request_id] = self.status_calls.get(request_id, 0) + 1
+        if overlapping:
+            self.overlapping_status_calls += 1
+            self.overlapping_by_id[request_id] = self.overlapping_by_id.get(request_id, 0) + 1
+        if self.status_calls_total <= cfg.throttle_first:
+            self.rate_limited += 1
+            return _detail(
+                429,
+                "Rate limit exceeded. Please retry after some time.",
+                headers={"Retry-After": cfg.throttle_retry_after},
+            )
         if self._limiter.enabled and not self._limiter.allow(
             request.headers["x-api-key"], time.monotonic()
         ):

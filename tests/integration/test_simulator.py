@@ -669,3 +669,148 @@ def test_badurl_redirect_still_checks_the_signature(client: httpx.Client) -> Non
     url = completed_url(client, auth_headers(client), "badurl-redirect-3")
     response = client.get(url.replace("X-Amz-Signature=", "X-Amz-Signature=0"))
     assert response.status_code == 403
+
+
+# --------------------------------------------------------------------------- throttle_first
+
+
+@pytest.mark.parametrize("retry_after", ["300", "1e12", "Wed, 21 Oct 2015 07:28:00 GMT"])
+def test_throttle_first_answers_429_then_normally(retry_after: str) -> None:
+    config = SimulatorConfig(completion_delay=0, throttle_first=2, throttle_retry_after=retry_after)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        headers = auth_headers(client)
+        # Calls that are not status calls (unauthenticated, no request_id) do not count.
+        assert status(client, {}, "a").status_code == 401
+        assert client.get(STATUS_PATH, headers=headers).status_code == 422
+        first, second, third = (status(client, headers, rid) for rid in ("a", "b", "a"))
+        assert (first.status_code, second.status_code) == (429, 429)
+        assert first.headers["retry-after"] == second.headers["retry-after"] == retry_after
+        assert first.json() == {"detail": "Rate limit exceeded. Please retry after some time."}
+        assert third.status_code == 200
+        assert third.json()["data"]["status"] == 200  # completion_delay 0, first seen now
+        stats = sim.stats()
+        assert stats["rate_limited"] == 2
+        assert stats["status_calls"] == {"a": 2, "b": 1}
+        assert stats["errors_served"] == 0
+        # A reset starts the count again.
+        sim.reset()
+        assert status(client, headers, "c").status_code == 429
+        assert status(client, headers, "c").status_code == 429
+        assert status(client, headers, "c").status_code == 200
+        assert sim.stats()["rate_limited"] == 2
+
+
+def test_throttle_first_is_off_by_default(client: httpx.Client, sim: SimulatorHandle) -> None:
+    assert status(client, auth_headers(client), "r").status_code == 200
+    assert sim.stats()["rate_limited"] == 0
+
+
+def test_fake_api_command_takes_the_throttle_options() -> None:
+    root = Path(__file__).resolve().parents[2]
+    throttle = ["--throttle-first", "1", "--throttle-retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tracker", "fake-api", "--port", "0", *throttle],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = json.loads(proc.stdout.readline())["url"]
+        with httpx.Client(base_url=base_url, timeout=10) as client:
+            headers = auth_headers(client)
+            throttled = status(client, headers, "r")
+            assert throttled.status_code == 429
+            assert throttled.headers["retry-after"] == "Wed, 21 Oct 2015 07:28:00 GMT"
+            assert status(client, headers, "r").status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# --------------------------------------------------------------------------- overlapping calls
+
+
+def test_overlapping_status_calls_for_one_id_are_counted() -> None:
+    import asyncio
+
+    config = SimulatorConfig(completion_delay=0, latency=0.4)
+
+    async def main(base_url: str) -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as client:
+            response = await client.post("/v1/authorize", data=CREDS)
+            headers = {
+                "Authorization": f"Bearer {response.json()['access_token']}",
+                "x-api-key": CREDS["client_secret"],
+            }
+
+            async def ask(request_id: str, auth: dict[str, str] = headers) -> int:
+                answer = await client.get(
+                    STATUS_PATH, params={"request_id": request_id}, headers=auth
+                )
+                return answer.status_code
+
+            # Three at once for "a" (two of them overlap the first), one each for "b" and
+            # "c" beside them (no overlap: other ids), then "a" again on its own. An
+            # unauthenticated call for "d" is in flight, but is not a status call itself.
+            codes = await asyncio.gather(
+                ask("a"), ask("a"), ask("a"), ask("b"), ask("c"), ask("d", {}), ask("d")
+            )
+            assert codes == [200, 200, 200, 200, 200, 401, 200]
+            assert await ask("a") == 200
+
+    with running_simulator(config) as sim:
+        assert sim.stats()["overlapping_status_calls"] == 0
+        asyncio.run(main(sim.base_url))
+        stats = sim.stats()
+        assert stats["status_calls"] == {"a": 4, "b": 1, "c": 1, "d": 1}
+        # The authenticated "d" overlapped the unauthenticated one, whichever came first;
+        # if the unauthenticated one arrived second, it overlapped but does not count.
+        assert stats["overlapping_by_id"]["a"] == 2
+        assert stats["overlapping_by_id"].get("d", 0) in (0, 1)
+        assert set(stats["overlapping_by_id"]) <= {"a", "d"}
+        assert stats["overlapping_status_calls"] == sum(stats["overlapping_by_id"].values())
+        sim.reset()
+        cleared = sim.stats()
+        assert (cleared["overlapping_status_calls"], cleared["overlapping_by_id"]) == (0, {})
+
+
+def test_a_call_in_flight_across_a_reset_does_not_upset_the_count() -> None:
+    import asyncio
+
+    config = SimulatorConfig(completion_delay=0, latency=0.5)
+    with running_simulator(config) as sim:
+
+        async def main() -> None:
+            async with httpx.AsyncClient(base_url=sim.base_url, timeout=10) as client:
+                response = await client.post("/v1/authorize", data=CREDS)
+                headers = {
+                    "Authorization": f"Bearer {response.json()['access_token']}",
+                    "x-api-key": CREDS["client_secret"],
+                }
+
+                async def ask(delay: float) -> None:
+                    await asyncio.sleep(delay)
+                    answer = await client.get(
+                        STATUS_PATH, params={"request_id": "a"}, headers=headers
+                    )
+                    assert answer.status_code == 200
+
+                async def reset(delay: float) -> None:
+                    await asyncio.sleep(delay)
+                    await client.post("/_sim/reset")
+
+                # Call 1 starts, the reset comes, call 2 starts (alone in the new count),
+                # call 1 ends, call 3 starts while call 2 is still in flight: one overlap.
+                # (Call 1 is counted as a status call after its latency, so after the reset.)
+                await asyncio.gather(ask(0), reset(0.15), ask(0.3), ask(0.65))
+
+        asyncio.run(main())
+        stats = sim.stats()
+    assert stats["status_calls"] == {"a": 3}
+    assert stats["overlapping_by_id"] == {"a": 1}
+    assert stats["overlapping_status_calls"] == 1

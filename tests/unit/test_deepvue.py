@@ -6,8 +6,11 @@ import asyncio
 import base64
 import itertools
 import json
+import math
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -19,7 +22,9 @@ from tracker import __version__
 from tracker.budget import MemoryBudget
 from tracker.deepvue import (
     AuthFailed,
+    CallsPaused,
     DeepvueClient,
+    SubmitFailed,
     Throttle,
     make_api_http_client,
     parse_token_expiry,
@@ -119,7 +124,13 @@ class Harness:
     # transport; the status_path fixture runs every test of this module both ways.
     direct = False
 
-    def __init__(self, fake: FakeDeepvue, *, windows: list[Window] | None = None) -> None:
+    def __init__(
+        self,
+        fake: FakeDeepvue,
+        *,
+        windows: list[Window] | None = None,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
         self.fake = fake
         self.clock = FakeClock()
         self.utc = T0
@@ -142,6 +153,7 @@ class Harness:
             throttle=self.throttle,
             utcnow=lambda: self.utc,
             status_transport=transport if self.direct else None,
+            **(client_options or {}),
         )
 
     def read_secret(self) -> str:
@@ -163,12 +175,13 @@ def run(
     fake: FakeDeepvue | None = None,
     *,
     windows: list[Window] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> Harness:
     """Build the harness inside a fresh event loop, run `body`, close the http client."""
     fake = fake or FakeDeepvue()
 
     async def main() -> Harness:
-        harness = Harness(fake, windows=windows)
+        harness = Harness(fake, windows=windows, client_options=client_options)
         try:
             await body(harness)
         finally:
@@ -483,7 +496,7 @@ def test_twenty_concurrent_calls_with_refused_credentials_authorize_once() -> No
 def test_429_with_retry_after_pauses_the_throttle() -> None:
     fake = FakeDeepvue()
     fake.status_override = lambda request: httpx.Response(
-        429, json={"detail": "Rate limit exceeded."}, headers={"Retry-After": "7"}
+        429, json={"detail": "Rate limit exceeded."}, headers={"Retry-After": "4"}
     )
     answers: list[StatusAnswer] = []
     capacity: list[int] = []
@@ -491,19 +504,19 @@ def test_429_with_retry_after_pauses_the_throttle() -> None:
     async def body(h: Harness) -> None:
         with capture_logs() as logs:
             answers.append(await h.client.batch_status("req1"))
-        assert [e["event"] for e in logs if e["event"].startswith("api.rate")] == [
-            "api.rate_limited"
-        ]
+        assert [e["event"] for e in logs if e["event"].startswith("api.r")] == ["api.rate_limited"]
         capacity.append(await h.throttle.reserve(5))
-        assert h.throttle.paused_for() == pytest.approx(7.0)
+        assert h.throttle.paused_for() == pytest.approx(4.0)
+        assert h.throttle.wait_time() == pytest.approx(4.0)
         fake.status_override = None
         answers.append(await h.client.batch_status("req1"))
 
     h = run(body, fake)
     assert answers[0].outcome is Outcome.RATE_LIMITED
-    assert answers[0].retry_after == 7.0
+    assert answers[0].retry_after == 4.0
     assert capacity == [0]
-    assert h.clock.sleeps == [pytest.approx(7.0)]  # the next call waited out the pause
+    # Within the longest wait (5 s by default), the next call sleeps out the pause.
+    assert h.clock.sleeps == [pytest.approx(4.0)]
     assert answers[1].outcome is Outcome.COMPLETED
 
 
@@ -517,6 +530,11 @@ def test_429_without_retry_after_backs_off_growing() -> None:
             answer = await h.client.batch_status("req1")
             assert answer.outcome is Outcome.RATE_LIMITED
             pauses.append(h.throttle.paused_for())
+            if pauses[-1] > h.throttle.longest_wait:
+                # Too long to sleep through: the caller is told, and comes back later.
+                with pytest.raises(CallsPaused):
+                    await h.client.batch_status("req1")
+                h.clock.now += pauses[-1]
 
     h = run(body, fake)
     assert 1.0 <= pauses[0] <= 2.0
@@ -524,7 +542,9 @@ def test_429_without_retry_after_backs_off_growing() -> None:
     assert 4.0 <= pauses[2] <= 8.0
     assert all(p <= 60.0 for p in pauses)
     assert pauses[6] >= 30.0
-    assert len(h.clock.sleeps) == 6  # every call after the first waited for the pause
+    # Each call after the first waited for the pause, asleep when it was short.
+    assert h.clock.sleeps == [pytest.approx(p) for p in pauses[:6] if p <= 5.0]
+    assert len(h.fake.status_requests) == 7
 
 
 def test_throttle_honours_pause_and_never_shortens_it() -> None:
@@ -732,15 +752,218 @@ def test_secret_echoed_at_the_trim_boundary_leaves_no_fragment() -> None:
     assert SECRET[:6] not in answers[0].detail
 
 
-def test_huge_retry_after_is_capped_at_a_day() -> None:
+@pytest.mark.parametrize(
+    ("retry_after", "client_options", "server_seconds", "clamp"),
+    [
+        pytest.param("999999999", {}, 999999999.0, 3600.0, id="default-hour"),
+        pytest.param("300", {"max_retry_after": 3.0}, 300.0, 3.0, id="configured"),
+        pytest.param(
+            format_datetime(T0 + timedelta(days=400), usegmt=True),
+            {"max_retry_after": 60.0},
+            400 * 86400.0,
+            60.0,
+            id="http-date",
+        ),
+    ],
+)
+def test_huge_retry_after_is_clamped_and_logged(
+    retry_after: str, client_options: dict[str, Any], server_seconds: float, clamp: float
+) -> None:
     fake = FakeDeepvue()
-    fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "999999999"})
+    fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": retry_after})
     paused: list[float] = []
+    answers: list[StatusAnswer] = []
 
     async def body(h: Harness) -> None:
-        answer = await h.client.batch_status("req1")
-        assert answer.outcome is Outcome.RATE_LIMITED
+        answers.append(await h.client.batch_status("req1"))
         paused.append(h.throttle.paused_for())
+        paused.append(h.throttle.wait_time())
 
-    run(body, fake)
-    assert paused == [pytest.approx(86400.0)]
+    with capture_logs() as logs:
+        run(body, fake, client_options=client_options)
+    assert paused == [pytest.approx(clamp), pytest.approx(clamp)]
+    # The batch is rescheduled by the pause taken, not by the server's figure.
+    assert answers[0].outcome is Outcome.RATE_LIMITED
+    assert answers[0].retry_after == pytest.approx(clamp)
+    (clamped,) = [e for e in logs if e["event"] == "api.retry_after_clamped"]
+    assert clamped == {
+        "event": "api.retry_after_clamped",
+        "log_level": "warning",
+        "retry_after": pytest.approx(server_seconds),
+        "max_retry_after": clamp,
+        "request_id": "req1",
+    }
+    (limited,) = [e for e in logs if e["event"] == "api.rate_limited"]
+    assert limited["pause_seconds"] == pytest.approx(clamp)
+    assert SECRET not in repr(logs)
+    assert "token-1" not in repr(logs)
+
+
+def test_retry_after_within_the_maximum_is_not_clamped() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "300"})
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        answers.append(await h.client.batch_status("req1"))
+        assert h.throttle.paused_for() == pytest.approx(300.0)
+
+    with capture_logs() as logs:
+        run(body, fake, client_options={"max_retry_after": 300.0})
+    assert answers[0].retry_after == 300.0
+    assert "api.retry_after_clamped" not in [e["event"] for e in logs]
+
+
+# -- long waits: CallsPaused instead of sleeping on a claimed batch ---------------------------
+
+
+def test_long_pause_raises_calls_paused_and_sends_nothing() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "300"})
+    raised: list[CallsPaused] = []
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("req1")
+        used = (await h.throttle.usage())["day"]
+        fake.status_override = None
+        h.clock.now += 10
+        # Even with the token due for renewal, nothing goes out: no authorize either.
+        h.utc = T0 + timedelta(days=2)
+        with pytest.raises(CallsPaused) as info:
+            await h.client.batch_status("req2")
+        raised.append(info.value)
+        assert (await h.throttle.usage())["day"] == used  # nothing counted
+        assert await h.throttle.reserve(3) == 0
+        assert h.throttle.paused_for() == pytest.approx(290.0)
+        assert h.throttle.wait_time() == pytest.approx(290.0)
+        # Once the pause is over, calls go out again (the daemon comes back by wait_time).
+        h.clock.now += h.throttle.wait_time()
+        assert (await h.client.batch_status("req2")).outcome is Outcome.COMPLETED
+
+    h = run(body, fake)
+    assert raised[0].seconds == pytest.approx(290.0)
+    assert "290" in str(raised[0])
+    assert h.clock.sleeps == []
+    assert [r.url.params["request_id"] for r in h.fake.status_requests] == ["req1", "req2"]
+    assert h.fake.authorizations == 2  # the first token, and one after the pause
+
+
+def test_pause_reached_inside_acquire_raises_and_returns_the_pooled_permits() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        budget = MemoryBudget(plan_windows(10, 100, 1000), clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep)
+        assert await throttle.reserve(3) == 3  # claimed three batches
+        await throttle.acquire()  # the first call starts, and draws a 429
+        await throttle.pause(120.0)
+        for _ in range(2):
+            with pytest.raises(CallsPaused) as info:
+                await throttle.acquire()
+            assert info.value.seconds == pytest.approx(120.0)
+        # The two permits that were never used are back in the budget.
+        assert (await throttle.usage())["second"] == (1, 10)
+        await throttle.give_back(2)  # what the sweep does for the batches it hands back
+        assert (await throttle.usage())["second"] == (1, 10)
+
+    asyncio.run(main())
+    assert clock.sleeps == []
+
+
+def test_pause_put_on_the_shared_budget_by_another_instance() -> None:
+    raised: list[CallsPaused] = []
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("warm")
+        # Another instance drew the 429: this process hears of it from the budget only.
+        await h.throttle.budget.pause(600.0)
+        assert h.throttle.paused_for() == 0.0
+        assert await h.throttle.reserve(4) == 0
+        assert h.throttle.wait_time() == pytest.approx(600.0)
+        with pytest.raises(CallsPaused) as info:
+            await h.client.batch_status("req1")
+        raised.append(info.value)
+
+    h = run(body)
+    assert raised[0].seconds == pytest.approx(600.0)
+    assert [r.url.params["request_id"] for r in h.fake.status_requests] == ["warm"]
+    assert h.clock.sleeps == []
+
+
+def test_long_wait_for_the_quota_raises_calls_paused() -> None:
+    raised: list[CallsPaused] = []
+
+    async def body(h: Harness) -> None:
+        await h.client.batch_status("req1")
+        with pytest.raises(CallsPaused) as info:
+            await h.client.batch_status("req2")  # the minute is spent
+        raised.append(info.value)
+        assert h.throttle.paused_for() == 0.0
+        assert h.throttle.wait_time() == pytest.approx(raised[0].seconds)
+        h.clock.now += h.throttle.wait_time()
+        assert (await h.client.batch_status("req2")).outcome is Outcome.COMPLETED
+
+    h = run(body, windows=[Window("minute", 1, 60.0, 1.0)])
+    assert 60.0 <= raised[0].seconds <= 61.1
+    assert h.clock.sleeps == []
+    assert len(h.fake.status_requests) == 2
+
+
+def test_short_waits_are_still_slept() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        budget = MemoryBudget([Window("w", 1, 4.0, 0.1)], clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep)
+        await throttle.acquire()
+        await throttle.acquire()  # about 4.1 s for the window: within 5 s, slept
+        await throttle.pause(5.0)  # exactly the longest wait: slept too
+        await throttle.acquire()
+        patient = Throttle(
+            MemoryBudget([Window("w", 1, 4.0, 0.1)], clock=clock.monotonic),
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
+            longest_wait=math.inf,
+        )
+        await patient.pause(3600.0)
+        await patient.acquire()
+
+    asyncio.run(main())
+    assert clock.sleeps == [
+        pytest.approx(4.1, abs=0.11),
+        pytest.approx(5.0),
+        pytest.approx(3600.0),
+    ]
+
+
+def test_longest_wait_is_configurable() -> None:
+    clock = FakeClock()
+
+    async def main() -> None:
+        budget = MemoryBudget(plan_windows(10, 100, 1000), clock=clock.monotonic)
+        throttle = Throttle(budget, monotonic=clock.monotonic, sleep=clock.sleep, longest_wait=0.5)
+        assert throttle.longest_wait == 0.5
+        await throttle.pause(0.4)
+        await throttle.acquire()
+        await throttle.pause(0.6)
+        with pytest.raises(CallsPaused):
+            throttle.check_paused()
+        with pytest.raises(CallsPaused):
+            await throttle.acquire()
+
+    asyncio.run(main())
+    assert clock.sleeps == [pytest.approx(0.4)]
+
+
+def test_upload_during_a_long_pause_fails_with_a_reason(tmp_path: Path) -> None:
+    batch_file = tmp_path / "batch.csv"
+    batch_file.write_text("vpa\nasha@okaxis\n")
+
+    async def body(h: Harness) -> None:
+        await h.throttle.pause(900.0)
+        with pytest.raises(SubmitFailed, match="paused for 900 s"):
+            await h.client.submit_upi_batch(batch_file)
+
+    h = run(body)
+    assert h.fake.status_requests == []
+    assert h.clock.sleeps == []
