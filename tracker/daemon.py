@@ -90,6 +90,7 @@ async def open_sweeper(
             read_secret=read_secret,
             throttle=throttle,
             status_transport=api_transport,
+            max_retry_after=settings.max_retry_after,
         )
         downloader = Downloader(
             download_http,
