@@ -286,13 +286,13 @@ def db_now(database_url: str) -> object:
 def writes_between(database_url: str, since: object, until: object) -> dict[str, int]:
     rows = query(
         database_url,
-        "SELECT table_name, count(*) FROM test_write_log WHERE at >= :since AND at < :until "
+        "SELECT table_name, count(*) AS written FROM test_write_log WHERE at >= :since AND at < :until "
         "GROUP BY table_name",
         since=since,
         until=until,
     )
     counts = dict.fromkeys(_TRACKER_TABLES, 0)
-    counts.update({name: int(count) for name, count in rows})
+    counts.update({row.table_name: int(row.written) for row in rows})
     return counts
 
 
