@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -14,7 +16,9 @@ from tracker.domain.policy import (
     DownloadProblem,
     PollPolicy,
     Tracked,
+    decide_before_call,
     decide_on_answer,
+    decide_on_download_done,
     decide_on_download_problem,
     fault_delay,
     is_too_old,
@@ -32,7 +36,7 @@ from tracker.domain.states import (
 )
 
 NOW = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
-POLICY = PollPolicy(min_interval=30, max_interval=900, growth=1.5, fault_base=5, fault_cap=600)
+POLICY = PollPolicy(min_interval=30, max_interval=900, growth=1.5, fault_base=5)
 
 
 def tracked(state: State = State.PENDING, **counters: int) -> Tracked:
@@ -65,9 +69,42 @@ def test_poll_delay_grows_geometrically() -> None:
 
 
 @given(faults=st.integers(1, 40), seed=st.integers(0, 2**32))
-def test_fault_delay_is_capped_and_never_zero(faults: int, seed: int) -> None:
+def test_fault_delay_is_capped_at_max_interval_and_never_zero(faults: int, seed: int) -> None:
     delay = fault_delay(POLICY, faults, random.Random(seed))
-    assert 1.0 <= delay <= POLICY.fault_cap
+    assert 1.0 <= delay <= POLICY.max_interval
+    # Doubling from fault_base: the n-th fault in a row waits at most 5 * 2**(n-1) s.
+    assert delay <= max(1.0, 5.0 * 2 ** (faults - 1))
+
+
+def test_fault_delay_uses_full_jitter_up_to_max_interval() -> None:
+    # The old fixed 600 s cap is gone: the ceiling is max_interval (the budget guards the quota).
+    rng = random.Random(3)
+    delays = [fault_delay(POLICY, 30, rng) for _ in range(2000)]
+    assert max(delays) > 0.95 * POLICY.max_interval
+    assert min(delays) < 0.05 * POLICY.max_interval
+    assert 0.45 * POLICY.max_interval < sum(delays) / len(delays) < 0.55 * POLICY.max_interval
+
+
+def test_fault_cap_can_only_tighten_the_ceiling() -> None:
+    rng = random.Random(0)
+    tight = PollPolicy(min_interval=0.5, max_interval=2.0, fault_base=0.3, fault_cap=1.0)
+    assert all(fault_delay(tight, faults, rng) <= 1.0 for faults in range(1, 50))
+    loose = PollPolicy(min_interval=30, max_interval=60, fault_cap=600)
+    assert max(fault_delay(loose, 20, rng) for _ in range(500)) <= 60
+
+
+def test_rate_limited_without_retry_after_waits_fault_base_within_max_interval() -> None:
+    batch = tracked(State.PROCESSING)
+    limited = answer(Outcome.RATE_LIMITED, http_status=429)
+    decision = decide_on_answer(batch, limited, POLICY, NOW, random.Random(0))
+    assert decision.next_check_at == NOW + timedelta(seconds=5)
+    short = PollPolicy(min_interval=1, max_interval=2)
+    decision = decide_on_answer(batch, limited, short, NOW, random.Random(0))
+    assert decision.next_check_at == NOW + timedelta(seconds=2)
+    # A server asking for longer than max_interval is obeyed (up to max_retry_after).
+    slow = answer(Outcome.RATE_LIMITED, http_status=429, retry_after=30.0)
+    decision = decide_on_answer(batch, slow, short, NOW, random.Random(0))
+    assert decision.next_check_at == NOW + timedelta(seconds=30)
 
 
 def test_fault_delay_honours_a_longer_retry_after() -> None:
@@ -244,3 +281,216 @@ def test_request_id_check_never_raises_and_accepts_only_safe_names(text: str) ->
     if request_id_problem(text) is None:
         assert "/" not in text and "." not in text and 1 <= len(text) <= 128
         assert text.isascii() and text.replace("-", "").replace("_", "").isalnum()
+
+
+# --------------------------------------------------------------------------- regressions
+
+INVALID_404 = answer(Outcome.INVALID, http_status=404, api_message="request_id not found")
+
+
+def test_repeated_invalid_answers_fail_a_ready_batch_instead_of_rejecting_it() -> None:
+    # ready -> rejected is forbidden by the state machine: Deepvue said it completed.
+    decision = decide_on_answer(
+        tracked(State.READY, rejections=2), INVALID_404, POLICY, NOW, random.Random(0)
+    )
+    assert decision.to_state is State.FAILED
+    assert can_transition(State.READY, decision.to_state)
+    assert decision.rejections == 3 and decision.next_check_at is None
+    assert "completed" in (decision.last_error or "") and "404" in (decision.last_error or "")
+
+
+def test_a_ready_batch_refused_fewer_times_stays_ready() -> None:
+    decision = decide_on_answer(
+        tracked(State.READY, rejections=0), INVALID_404, POLICY, NOW, random.Random(0)
+    )
+    assert decision.to_state is State.READY and decision.rejections == 1
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL_STATES))
+@pytest.mark.parametrize("outcome", list(Outcome))
+def test_an_answer_never_moves_a_terminal_batch(state: State, outcome: Outcome) -> None:
+    batch = tracked(state, rejections=5, faults=2, download_attempts=1)
+    decision = decide_on_answer(
+        batch, answer(outcome, output_url="https://x/a.csv"), POLICY, NOW, random.Random(0)
+    )
+    assert decision.to_state is state
+    assert decision.download_url is None and decision.next_check_at is None
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL_STATES))
+@pytest.mark.parametrize("problem", list(DownloadProblem))
+def test_a_download_problem_never_moves_a_terminal_batch(
+    state: State, problem: DownloadProblem
+) -> None:
+    batch = tracked(state, download_attempts=10)
+    decision = decide_on_download_problem(batch, problem, "boom", POLICY, NOW, random.Random(0))
+    assert decision.to_state is state and decision.next_check_at is None
+
+
+def test_huge_fault_counters_do_not_overflow() -> None:
+    rng = random.Random(0)
+    for faults in (1025, 2**40, 2**63):
+        assert 1.0 <= fault_delay(POLICY, faults, rng) <= POLICY.max_interval
+    batch = tracked(State.PROCESSING, faults=2**63)
+    decision = decide_on_answer(batch, answer(Outcome.TRANSIENT, http_status=503), POLICY, NOW, rng)
+    assert decision.next_check_at is not None
+    assert NOW < decision.next_check_at <= NOW + timedelta(seconds=POLICY.max_interval)
+
+
+def test_huge_check_counters_do_not_overflow() -> None:
+    rng = random.Random(0)
+    for checks in (1760, 2**40, 2**63):
+        assert POLICY.max_interval / 2 <= poll_delay(POLICY, checks, rng) <= POLICY.max_interval
+    decision = decide_on_answer(
+        tracked(State.PROCESSING, checks=2**63), answer(Outcome.PROCESSING), POLICY, NOW, rng
+    )
+    assert decision.next_check_at is not None
+
+
+@pytest.mark.parametrize("outcome", [Outcome.TRANSIENT, Outcome.AUTH, Outcome.RATE_LIMITED])
+@pytest.mark.parametrize("retry_after", [1e12, 1e18, math.inf, math.nan])
+def test_an_absurd_retry_after_is_clamped(outcome: Outcome, retry_after: float) -> None:
+    batch = tracked(State.PROCESSING)
+    decision = decide_on_answer(
+        batch,
+        answer(outcome, http_status=503, retry_after=retry_after),
+        POLICY,
+        NOW,
+        random.Random(0),
+    )
+    assert decision.next_check_at is not None
+    assert NOW <= decision.next_check_at <= NOW + timedelta(seconds=POLICY.max_retry_after)
+
+
+def test_a_retry_after_is_honoured_up_to_max_retry_after() -> None:
+    policy = PollPolicy(max_retry_after=600)
+    batch = tracked(State.PROCESSING)
+    for retry_after, expected in ((120.0, 120.0), (600.0, 600.0), (5000.0, 600.0)):
+        for outcome in (Outcome.TRANSIENT, Outcome.RATE_LIMITED):
+            decision = decide_on_answer(
+                batch, answer(outcome, retry_after=retry_after), policy, NOW, random.Random(0)
+            )
+            assert decision.next_check_at == NOW + timedelta(seconds=expected)
+
+
+def test_fault_backoff_is_capped_at_max_interval() -> None:
+    # The reported case: max_interval 1 s, calls failing half the time.
+    policy = PollPolicy(min_interval=1, max_interval=1)
+    rng = random.Random(0)
+    for faults in range(1, 60):
+        assert fault_delay(policy, faults, rng) <= 1.0
+    batch = tracked(State.PROCESSING, faults=30, rejections=1)
+    for outcome, http_status in (
+        (Outcome.TRANSIENT, 503),
+        (Outcome.AUTH, 401),
+        (Outcome.RATE_LIMITED, 429),
+        (Outcome.INVALID, 404),
+    ):
+        decision = decide_on_answer(
+            batch, answer(outcome, http_status=http_status), policy, NOW, rng
+        )
+        assert decision.next_check_at is not None
+        assert decision.next_check_at <= NOW + timedelta(seconds=1), outcome
+    for problem in (DownloadProblem.INTERRUPTED, DownloadProblem.UNWRITABLE):
+        decision = decide_on_download_problem(
+            tracked(State.READY, faults=30, download_attempts=2), problem, "x", policy, NOW, rng
+        )
+        assert decision.next_check_at is not None
+        assert decision.next_check_at <= NOW + timedelta(seconds=1), problem
+
+
+def test_the_one_second_floor_never_exceeds_max_interval() -> None:
+    policy = PollPolicy(min_interval=0.1, max_interval=0.25, fault_base=0.01)
+    rng = random.Random(0)
+    delays = [fault_delay(policy, faults, rng) for faults in range(1, 200)]
+    assert all(0 < delay <= 0.25 for delay in delays)
+
+
+def test_no_check_is_scheduled_past_the_maximum_age() -> None:
+    policy = PollPolicy(min_interval=30, max_interval=900, max_age=3600)
+    # 10 s of tracking left.
+    batch = Tracked(
+        **{
+            **tracked(State.PROCESSING, checks=50, faults=9).__dict__,
+            "created_at": NOW - timedelta(seconds=3590),
+        }
+    )
+    deadline = NOW + timedelta(seconds=10)
+    rng = random.Random(0)
+    for outcome in Outcome:
+        decision = decide_on_answer(
+            batch,
+            answer(outcome, output_url="https://x/a.csv", retry_after=300.0),
+            policy,
+            NOW,
+            rng,
+        )
+        assert decision.next_check_at is None or NOW <= decision.next_check_at <= deadline, outcome
+    ready = replace(batch, state=State.READY)
+    for problem in DownloadProblem:
+        decision = decide_on_download_problem(ready, problem, "x", policy, NOW, rng)
+        assert decision.next_check_at is None or NOW <= decision.next_check_at <= deadline, problem
+    # Past the deadline: due at once (the sweep then expires it before calling).
+    late = replace(batch, created_at=NOW - timedelta(hours=2))
+    decision = decide_on_answer(late, answer(Outcome.PROCESSING), policy, NOW, rng)
+    assert decision.next_check_at == NOW
+
+
+# --------------------------------------------------------------------------- before the call
+
+
+def test_before_call_rejects_a_malformed_request_id() -> None:
+    batch = replace(tracked(State.PENDING), request_id="../etc/passwd")
+    decision = decide_before_call(batch, POLICY, NOW)
+    assert decision is not None
+    assert decision.to_state is State.REJECTED and decision.next_check_at is None
+    assert decision.last_error == decision.detail == request_id_problem("../etc/passwd")
+
+
+def test_before_call_fails_a_ready_batch_with_a_malformed_request_id() -> None:
+    batch = replace(tracked(State.READY), request_id="")
+    decision = decide_before_call(batch, POLICY, NOW)
+    assert decision is not None and decision.to_state is State.FAILED
+    assert decision.last_error == decision.detail == "request_id is empty"
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_before_call_expires_a_batch_past_the_maximum_age(state: State) -> None:
+    policy = PollPolicy(max_age=3600)
+    batch = replace(tracked(state), created_at=NOW - timedelta(seconds=3601))
+    decision = decide_before_call(batch, policy, NOW)
+    assert decision is not None and decision.to_state is State.EXPIRED
+    reason = "not finished within the maximum tracking age of 3600 s"
+    assert decision.last_error == decision.detail == reason
+    assert decide_before_call(batch, policy, NOW - timedelta(seconds=2)) is None
+
+
+def test_before_call_a_malformed_id_wins_over_the_age() -> None:
+    batch = replace(tracked(), request_id="a b", created_at=NOW - timedelta(days=30))
+    decision = decide_before_call(batch, POLICY, NOW)
+    assert decision is not None and decision.to_state is State.REJECTED
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_before_call_a_sound_young_batch_needs_a_status_call(state: State) -> None:
+    assert decide_before_call(tracked(state), POLICY, NOW) is None
+
+
+@pytest.mark.parametrize("state", sorted(TERMINAL_STATES))
+def test_before_call_never_moves_a_terminal_batch(state: State) -> None:
+    batch = replace(tracked(state), request_id="", created_at=NOW - timedelta(days=365))
+    decision = decide_before_call(batch, POLICY, NOW)
+    assert decision is not None and decision.to_state is state
+
+
+def test_download_done() -> None:
+    decision = decide_on_download_done(tracked(State.READY, download_attempts=2), 1234, "ab" * 32)
+    assert decision.to_state is State.DOWNLOADED and decision.next_check_at is None
+    assert decision.download_attempts == 3
+    assert decision.detail == f"saved 1234 bytes, sha256 {'ab' * 32}"
+
+
+@pytest.mark.parametrize("state", sorted(set(State) - {State.READY}))
+def test_download_done_never_makes_a_forbidden_move(state: State) -> None:
+    decision = decide_on_download_done(tracked(state), 1, "00")
+    assert decision.to_state is state

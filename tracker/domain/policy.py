@@ -2,18 +2,29 @@
 
 Everything here is pure: a batch's counters, an answer and a clock go in; a Decision comes
 out. The sweep turns Decisions into guarded writes.
+
+Three promises hold for every input, however large its counters or odd its answer:
+
+- no function here raises: every delay is computed in clamped arithmetic;
+- a Decision's `to_state` is the batch's state or one the state machine allows from it
+  (a batch in a terminal state never moves);
+- a `next_check_at` is None or lies in [now, max(now, created_at + max_age)]: no check is
+  planned past the batch's deadline, and a batch past it is due at once (and expired by
+  `decide_before_call`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.request_ids import request_id_problem
 from tracker.domain.schedule import BudgetView, processing_delay
-from tracker.domain.states import State
+from tracker.domain.states import TERMINAL_STATES, State, can_transition
 
 
 @dataclass(frozen=True)
@@ -22,8 +33,12 @@ class PollPolicy:
     max_interval: float = 900.0
     # Each check of a still-processing batch waits `growth` times longer than the last.
     growth: float = 1.5
+    # Transient faults back off from fault_base, doubling per fault, up to max_interval: the
+    # call budget protects the quota, the backoff only spaces out retries.
     fault_base: float = 5.0
-    fault_cap: float = 600.0
+    # An optional tighter ceiling for that backoff (the demo's quick runs use one); by
+    # default max_interval alone caps it.
+    fault_cap: float = math.inf
     max_age: float = 7 * 86400.0
     max_rejections: int = 3
     max_download_attempts: int = 5
@@ -78,30 +93,169 @@ class DownloadProblem(StrEnum):
     UNWRITABLE = "unwritable"  # our disk is full or read-only: not the batch's fault
 
 
+# 2.0 ** 1023 is the largest power of two a float holds: more doublings change nothing.
+_MAX_DOUBLINGS = 1023
+
+
+def _grown(start: float, factor: float, times: int, ceiling: float) -> float:
+    """min(ceiling, start * factor ** times), without overflowing for any `times`."""
+    if times <= 0 or factor <= 1 or not start < ceiling:
+        return min(start, ceiling)
+    # Past the steps that reach the ceiling, more growth would only overflow on the way.
+    if start > 0 and times < math.log(ceiling / start) / math.log(factor):
+        try:
+            return min(ceiling, start * factor**times)
+        except OverflowError:  # only with an infinite ceiling
+            return ceiling
+    return ceiling
+
+
 def poll_delay(policy: PollPolicy, checks: int, rng: random.Random) -> float:
     """Geometric backoff from min to max with 'equal jitter'.
 
     Keeping half of the delay fixed means a batch is never looked at much sooner than
     planned; the random half spreads batches enqueued together across the window.
     """
-    ceiling = min(policy.max_interval, policy.min_interval * policy.growth ** max(checks, 0))
+    ceiling = _grown(policy.min_interval, policy.growth, checks, policy.max_interval)
     return max(policy.min_interval, ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
+def fault_ceiling(policy: PollPolicy) -> float:
+    """The longest a fault backoff waits (a server's Retry-After may ask for longer)."""
+    return min(policy.max_interval, policy.fault_cap)
+
+
+def honoured_retry_after(policy: PollPolicy, retry_after: float | None) -> float | None:
+    """A server's Retry-After as the tracker obeys it: up to policy.max_retry_after."""
+    if retry_after is None or math.isnan(retry_after):
+        return None
+    return min(max(retry_after, 0.0), policy.max_retry_after)
 
 
 def fault_delay(
     policy: PollPolicy, faults: int, rng: random.Random, retry_after: float | None = None
 ) -> float:
-    """Capped exponential backoff with full jitter; the server's Retry-After wins if longer."""
-    ceiling = min(policy.fault_cap, policy.fault_base * 2 ** max(faults - 1, 0))
-    # A floor of one second keeps full jitter from turning into an immediate retry loop.
-    delay = max(1.0, rng.uniform(0, ceiling))
-    if retry_after is not None:
-        delay = max(delay, retry_after)
+    """Exponential backoff from fault_base with full jitter, capped at `fault_ceiling`.
+
+    The server's Retry-After wins if longer, up to policy.max_retry_after.
+    """
+    cap = fault_ceiling(policy)
+    doublings = min(max(faults - 1, 0), _MAX_DOUBLINGS)
+    # A float product: at worst inf, which the cap takes care of.
+    ceiling = min(cap, policy.fault_base * 2.0**doublings)
+    # A floor of one second keeps full jitter from turning into an immediate retry loop,
+    # unless the configured intervals are shorter than that.
+    delay = max(min(1.0, cap), rng.uniform(0, ceiling))
+    honoured = honoured_retry_after(policy, retry_after)
+    if honoured is not None:
+        delay = max(delay, honoured)
     return delay
 
 
+def _seconds(value: float) -> timedelta:
+    """`value` seconds as a timedelta: nan and negatives are 0, the huge are clamped."""
+    if not value > 0:
+        return timedelta(0)
+    try:
+        return timedelta(seconds=value)
+    except OverflowError:
+        return timedelta.max
+
+
+def _time_left(batch: Tracked, policy: PollPolicy, now: datetime) -> timedelta:
+    """How long the batch may still be tracked: 0 once created_at + max_age has passed."""
+    age = now - batch.created_at
+    limit = _seconds(policy.max_age)
+    if age >= limit:
+        return timedelta(0)
+    try:
+        return limit - age
+    except OverflowError:  # a batch created after `now` with an enormous max_age
+        return timedelta.max
+
+
+def next_check_time(batch: Tracked, policy: PollPolicy, now: datetime, seconds: float) -> datetime:
+    """`seconds` after now, but never past the batch's deadline (created_at + max_age).
+
+    A batch past its deadline is due at once (now): the sweep then expires it.
+    """
+    wait = min(_seconds(seconds), _time_left(batch, policy, now))
+    try:
+        return now + wait
+    except OverflowError:  # the end of the calendar
+        return datetime.max.replace(tzinfo=now.tzinfo)
+
+
 def is_too_old(batch: Tracked, policy: PollPolicy, now: datetime) -> bool:
-    return now - batch.created_at > timedelta(seconds=policy.max_age)
+    return now - batch.created_at > _seconds(policy.max_age)
+
+
+def _unchanged(batch: Tracked, why: str, answer: StatusAnswer | None = None) -> Decision:
+    """A terminal batch stays where it is, whatever happened (only `tracker retry` moves it)."""
+    return Decision(
+        to_state=batch.state,
+        next_check_at=None,
+        checked=answer is not None and answer.http_status is not None,
+        faults=batch.faults,
+        rejections=batch.rejections,
+        download_attempts=batch.download_attempts,
+        api_status=None if answer is None else answer.api_status,
+        api_message=None if answer is None else answer.api_message,
+        last_error=f"the batch is already {batch.state}: {why} changes nothing",
+    )
+
+
+def decide_before_call(batch: Tracked, policy: PollPolicy, now: datetime) -> Decision | None:
+    """The decision for a claimed batch that needs no status call, or None if it needs one.
+
+    A malformed request_id is never sent: the batch is rejected (a ready batch, which may not
+    become rejected, fails). A batch older than policy.max_age expires. A terminal batch
+    stays as it is (there is nothing to ask).
+    """
+    if batch.state in TERMINAL_STATES:
+        return _unchanged(batch, "a status call")
+    problem = request_id_problem(batch.request_id)
+    if problem is not None:
+        to_state = State.REJECTED if can_transition(batch.state, State.REJECTED) else State.FAILED
+        return Decision(
+            to_state,
+            None,
+            download_attempts=batch.download_attempts,
+            last_error=problem,
+            detail=problem,
+        )
+    if is_too_old(batch, policy, now):
+        reason = f"not finished within the maximum tracking age of {policy.max_age:g} s"
+        return Decision(
+            State.EXPIRED,
+            None,
+            download_attempts=batch.download_attempts,
+            last_error=reason,
+            detail=reason,
+        )
+    return None
+
+
+def decide_on_download_done(batch: Tracked, size: int, sha256: str) -> Decision:
+    """The decision for a ready batch whose output is now on disk, verified."""
+    if batch.state is not State.READY:
+        if batch.state in TERMINAL_STATES:
+            return _unchanged(batch, "a finished download")
+        # Only a ready batch is downloaded; anything else is checked again at once.
+        return Decision(
+            to_state=batch.state,
+            next_check_at=None,
+            faults=batch.faults,
+            rejections=batch.rejections,
+            download_attempts=batch.download_attempts,
+            last_error=f"a download finished while the batch was {batch.state}, not ready",
+        )
+    return Decision(
+        State.DOWNLOADED,
+        None,
+        download_attempts=batch.download_attempts + 1,
+        detail=f"saved {size} bytes, sha256 {sha256}",
+    )
 
 
 def decide_on_answer(
@@ -117,6 +271,8 @@ def decide_on_answer(
     With a `budget`, a batch still in progress is rescheduled by the budget-aware schedule
     (tracker.domain.schedule); without one, by plain geometric backoff.
     """
+    if batch.state in TERMINAL_STATES:
+        return _unchanged(batch, f"an answer ({answer.outcome})", answer)
     seen = Decision(
         to_state=batch.state,
         next_check_at=None,
@@ -127,7 +283,7 @@ def decide_on_answer(
     )
 
     def later(seconds: float) -> datetime:
-        return now + timedelta(seconds=seconds)
+        return next_check_time(batch, policy, now, seconds)
 
     match answer.outcome:
         case Outcome.COMPLETED:
@@ -167,6 +323,15 @@ def decide_on_answer(
         case Outcome.INVALID:
             rejections = batch.rejections + 1
             reason = f"Deepvue does not accept this request_id (HTTP {answer.http_status}): {answer.api_message}"
+            if rejections >= policy.max_rejections and batch.state is State.READY:
+                # Ready may not become rejected: Deepvue has said the batch completed.
+                why = (
+                    "Deepvue reported the batch completed, then stopped accepting its "
+                    f"request_id ({rejections} answers in a row): {reason}"
+                )
+                return replace(
+                    seen, to_state=State.FAILED, rejections=rejections, last_error=why, detail=why
+                )
             if rejections >= policy.max_rejections:
                 return replace(
                     seen,
@@ -189,7 +354,13 @@ def decide_on_answer(
                 faults=batch.faults,
                 rejections=batch.rejections,
                 last_error="rate limited by Deepvue",
-                next_check_at=later(max(answer.retry_after or 0.0, policy.fault_base)),
+                # Without a Retry-After, a short pause (fault_base, within the fault ceiling).
+                next_check_at=later(
+                    max(
+                        honoured_retry_after(policy, answer.retry_after) or 0.0,
+                        min(policy.fault_base, fault_ceiling(policy)),
+                    )
+                ),
             )
         case Outcome.TRANSIENT | Outcome.AUTH:
             faults = batch.faults + 1
@@ -212,6 +383,8 @@ def decide_on_download_problem(
     rng: random.Random,
 ) -> Decision:
     """The decision for a ready batch whose output could not be fetched."""
+    if batch.state in TERMINAL_STATES:
+        return _unchanged(batch, f"a download problem ({problem})")
     if problem is DownloadProblem.REFUSED:
         return Decision(
             to_state=State.FAILED,
@@ -224,7 +397,9 @@ def decide_on_download_problem(
         # Our own disk is the problem: never count it against the batch.
         return Decision(
             to_state=State.READY,
-            next_check_at=now + timedelta(seconds=fault_delay(policy, batch.faults + 1, rng)),
+            next_check_at=next_check_time(
+                batch, policy, now, fault_delay(policy, batch.faults + 1, rng)
+            ),
             faults=batch.faults + 1,
             download_attempts=batch.download_attempts,
             last_error=message,
@@ -243,7 +418,7 @@ def decide_on_download_problem(
     wait = 0.0 if problem is DownloadProblem.URL_EXPIRED else fault_delay(policy, attempts, rng)
     return Decision(
         to_state=State.READY,
-        next_check_at=now + timedelta(seconds=wait),
+        next_check_at=next_check_time(batch, policy, now, wait),
         download_attempts=attempts,
         last_error=message,
     )

@@ -422,7 +422,9 @@ def age_shaped_delay(
     # minimum interval there is nothing to move.
     if interval > policy.min_interval and median is not None:
         shape = _shape()
-        x = max(age, 0.0) / median
+        # Past the table the weight is constant, so the interval no longer depends on the
+        # age: clamping there keeps a huge (or infinite) age from losing all precision.
+        x = min(age / median, len(shape.weights) * SHAPE_STEP) if age > 0 else 0.0
         target = shape.accumulated(x) + interval * shape.mean_weight / median
         # Only a shortage of budget may stretch an interval past max_interval, not the shape.
         ceiling = max(policy.max_interval, interval)
