@@ -22,17 +22,16 @@ import sqlalchemy as sa
 import structlog
 
 from tracker.db import describe_db_error
-from tracker.deepvue import AuthFailed, DeepvueClient
+from tracker.deepvue import AuthFailed, CallsPaused, DeepvueClient
 from tracker.domain.policy import (
-    Decision,
     DownloadProblem,
     PollPolicy,
     Tracked,
+    decide_before_call,
     decide_on_answer,
+    decide_on_download_done,
     decide_on_download_problem,
-    is_too_old,
 )
-from tracker.domain.request_ids import request_id_problem
 from tracker.domain.schedule import BudgetView, LoadHistory
 from tracker.domain.states import State
 from tracker.domain.urls import redact_url
@@ -44,7 +43,14 @@ from tracker.download import (
     OwnershipLost,
     UrlExpired,
 )
-from tracker.store import BatchWrite, LeaseExtension, Store, StoredFile
+from tracker.store import (
+    BatchWrite,
+    LeaseExtension,
+    Store,
+    StoredFile,
+    WriteRefused,
+    connection_lost,
+)
 
 if TYPE_CHECKING:
     from tracker.metrics import Metrics
@@ -52,6 +58,8 @@ if TYPE_CHECKING:
 log = structlog.get_logger("tracker.sweep")
 
 BUDGET_VIEW_SECONDS = 60.0
+# How often a sweep kept going by downloads looks for batches that fell due meanwhile.
+LOOK_AGAIN_SECONDS = 1.0
 DAY_SECONDS = 86400.0
 
 
@@ -63,7 +71,8 @@ class GroupCommit:
     """Writes (and lease keep-alives) from concurrent workers, committed together while the
     previous commit runs.
 
-    A worker awaits its own write and learns whether it still held its lease. While one
+    A worker awaits its own write and learns whether it still held its lease (or, with
+    WriteRefused, that this one write could not be applied). While one
     transaction is in flight the next writes queue up and go in the following one, so
     commits stay few under load and immediate when idle.
 
@@ -106,11 +115,17 @@ class GroupCommit:
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, future), ok in zip(group, applied, strict=True):
-                if not future.done():
-                    future.set_result(ok)
+            for (_, future), outcome in zip(group, applied, strict=True):
+                if future.done():
+                    continue
+                if isinstance(outcome, WriteRefused):
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
 
-    async def _apply_with_retry(self, writes: list[BatchWrite | LeaseExtension]) -> list[bool]:
+    async def _apply_with_retry(
+        self, writes: list[BatchWrite | LeaseExtension]
+    ) -> list[bool | WriteRefused]:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self._outage_patience
         delay = 0.5
@@ -118,11 +133,7 @@ class GroupCommit:
             try:
                 return await asyncio.to_thread(self._store.apply, writes, self._clock())
             except sa.exc.DBAPIError as error:
-                if not error.connection_invalidated and not isinstance(
-                    error, sa.exc.OperationalError
-                ):
-                    raise
-                if loop.time() + delay > give_up_at:
+                if not connection_lost(error) or loop.time() + delay > give_up_at:
                     raise
                 log.warning(
                     "db.unreachable",
@@ -225,6 +236,8 @@ class SweepReport:
     conflicts: int = 0
     errors: int = 0
     auth_failed: bool = False
+    # A 429's pause (or an exhausted budget) stopped the checks; what was claimed went back.
+    paused: bool = False
 
 
 class Sweeper:
@@ -297,25 +310,38 @@ class Sweeper:
         # transaction; claims come in bites of a quarter of the slots or more.
         ahead = max(1, self.concurrency // 4)
         claiming: asyncio.Task[tuple[int, list[Tracked]]] | None = None
-        exhausted = False
+        # When a claim last found fewer batches due than it asked for (loop time). While
+        # downloads keep the sweep going, it looks again now and then (reading only), so
+        # that checks falling due meanwhile are not held up by a long file.
+        exhausted_at: float | None = None
         loop = asyncio.get_running_loop()
         quota_at = -math.inf  # out of call permits until then (loop time)
         try:
             while True:
+                if work.backlog and (report.paused or self._calls_paused()):
+                    # A deliberate wait, not a hang: what has not started goes back now,
+                    # for whichever instance is first to call once the pause is over.
+                    report.paused = True
+                    await self._hand_back_backlog(work)
                 while work.backlog and slots.free() > 0 and not self.stopping.is_set():
                     batch = work.backlog.popleft()
                     check = self._check(batch, report, slots.take())
                     work.checking[asyncio.create_task(check)] = batch
-                may_claim = not self.stopping.is_set() and not exhausted and not report.auth_failed
+                may_claim = not (self.stopping.is_set() or report.auth_failed or report.paused)
+                looked_lately = (
+                    exhausted_at is not None and loop.time() - exhausted_at < LOOK_AGAIN_SECONDS
+                )
                 room = slots.free() + ahead - len(work.backlog)
                 has_permits = loop.time() >= quota_at
                 if (
                     claiming is None
                     and may_claim
+                    and not looked_lately
                     and has_permits
                     and (room >= ahead or not work.any())
                 ):
-                    claiming = asyncio.create_task(self._claim(room))
+                    peek = exhausted_at is not None or not work.any()
+                    claiming = asyncio.create_task(self._claim(room, peek=peek))
                 if claiming is not None and claiming.done():
                     want, claimed = claiming.result()
                     claiming = None
@@ -325,15 +351,15 @@ class Sweeper:
                     if want == 0:
                         # Out of permits: ask again when the budget says one comes free.
                         quota_at = loop.time() + max(throttle.wait_time(), 0.01)
-                    elif len(claimed) < want:
-                        exhausted = True
+                    else:
+                        exhausted_at = loop.time() if len(claimed) < want else None
                     continue
                 if not work.any() and claiming is None:
                     # Nothing in flight. Out of permits, wait for the next one when it is
                     # near (the per-second window), else finish and let a later sweep pick
                     # up the rest.
                     wait = quota_at - loop.time()
-                    if not may_claim or wait > self.max_quota_wait:
+                    if not may_claim or exhausted_at is not None or wait > self.max_quota_wait:
                         break
                     await self._sleep_unless_stopping(wait)
                     continue
@@ -373,14 +399,25 @@ class Sweeper:
                 await self._wind_down(work, grace=0.0)
         return report
 
-    async def _claim(self, room: int) -> tuple[int, list[Tracked]]:
-        """Reserve call permits, then lease as many due batches: (permits, batches)."""
+    async def _claim(self, room: int, *, peek: bool) -> tuple[int, list[Tracked]]:
+        """Reserve call permits, then lease as many due batches: (permits, batches).
+
+        With `peek`, first count what is due, so that a sweep with nothing to do (the usual
+        idle sweep, or every due batch leased elsewhere) ends having written nothing.
+        """
+        max_age = self.policy.max_age
+        if peek:
+            due = await asyncio.to_thread(self.store.count_due, room, self.clock(), max_age=max_age)
+            if due == 0:
+                return room, []
+            room = due
         throttle = self.client.throttle
         want = await throttle.reserve(room)
         if want <= 0:
             return 0, []
+        # The claim reads the database's clock itself: leases are compared on one clock.
         claimed = await asyncio.to_thread(
-            self.store.claim_due, self.owner, want, self.lease_seconds, self.clock()
+            self.store.claim_due, self.owner, want, self.lease_seconds, max_age=max_age
         )
         if len(claimed) < want:
             await throttle.give_back(want - len(claimed))
@@ -422,6 +459,17 @@ class Sweeper:
         return BudgetView.from_ledger(
             ledger, budget_now, open_batches=max(open_batches, 1), load=load
         )
+
+    def _calls_paused(self) -> bool:
+        return self.client.throttle.wait_time() > self.max_quota_wait
+
+    async def _hand_back_backlog(self, work: _InFlight) -> None:
+        """Return the batches claimed ahead and not started, and their call permits."""
+        waiting = list(work.backlog)
+        work.backlog.clear()
+        await self.client.throttle.give_back(len(waiting))
+        released = await asyncio.to_thread(self.store.release, waiting)
+        log.info("sweep.paused_handed_back", batches=released)
 
     async def _sleep_unless_stopping(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -471,27 +519,25 @@ class Sweeper:
         self, batch: Tracked, report: SweepReport, release_slot: Callable[[], None]
     ) -> _Download | None:
         bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
-        now = self.clock()
-        problem = request_id_problem(batch.request_id)
-        too_old = is_too_old(batch, self.policy, now)
-        if problem is not None or too_old:
-            # No status call for this one: its permit goes back to the budget at once.
+        settled = decide_before_call(batch, self.policy, self.clock())
+        if settled is not None:
+            # No status call for this one (malformed id, too old): its permit goes back.
             release_slot()
             await self.client.throttle.give_back(1)
-        if problem is not None:
-            decision = Decision(State.REJECTED, None, last_error=problem, detail=problem)
-            await self._write(report, bound, BatchWrite(batch, decision))
-            return None
-        if too_old:
-            reason = f"not finished within the maximum tracking age of {self.policy.max_age:g} s"
-            decision = Decision(State.EXPIRED, None, last_error=reason, detail=reason)
-            await self._write(report, bound, BatchWrite(batch, decision))
+            await self._write(report, bound, BatchWrite(batch, settled))
             return None
 
         try:
             answer = await self.client.batch_status(batch.request_id)
         except AuthFailed as error:
             await self._on_auth_failed(batch, report, str(error))
+            return None
+        except CallsPaused:
+            # Untouched: the batch is not at fault, and another instance may take it once
+            # the pause is over. The sweep hands back the rest of what it claimed.
+            report.paused = True
+            release_slot()
+            await asyncio.to_thread(self.store.release, [batch])
             return None
         self._auth_backoff = 0.0
         report.checked += 1
@@ -580,12 +626,7 @@ class Sweeper:
             )
             await self._write(report, bound, BatchWrite(batch, decision))
             return
-        decision = Decision(
-            State.DOWNLOADED,
-            None,
-            download_attempts=batch.download_attempts + 1,
-            detail=f"saved {fetched.size} bytes, sha256 {fetched.sha256}",
-        )
+        decision = decide_on_download_done(batch, fetched.size, fetched.sha256)
         stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
         if self.metrics is not None:
             self.metrics.observe_download(fetched.size, time.monotonic() - started)
@@ -596,7 +637,13 @@ class Sweeper:
     async def _write(
         self, report: SweepReport, bound: structlog.BoundLogger, write: BatchWrite
     ) -> bool:
-        applied = await self._commit.write(write)
+        try:
+            applied = await self._commit.write(write)
+        except WriteRefused as refused:
+            # This write alone failed (its group committed); the batch was handed back.
+            report.errors += 1
+            bound.error("batch.write_refused", error=str(refused))
+            return False
         if not applied:
             report.conflicts += 1
             bound.warning(

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import sqlalchemy as sa
 
 from tracker.budget import MemoryBudget
+from tracker.db import create_engine_for
 from tracker.deepvue import DeepvueClient, Throttle
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import Grant, plan_windows
@@ -60,6 +62,8 @@ class FakeServices:
             )
         request_id = request.url.params["request_id"]
         self.status_calls.append(request_id)
+        if request_id.startswith("invalid-"):
+            return httpx.Response(400, json={"detail": "Invalid request_id"})
         return httpx.Response(200, content=json.dumps(_status_body(request_id)).encode())
 
     async def files(self, request: httpx.Request) -> httpx.Response:
@@ -262,3 +266,96 @@ def test_out_of_permits_with_work_in_flight_the_sweep_waits_instead_of_asking_ag
     # Three calls a second: three seconds' worth of windows, not a busy loop of refusals.
     assert budget.reservations < 40
     assert store.count_by_state() == {"processing": 9}
+
+
+def test_a_batch_falling_due_during_a_long_download_is_checked_before_it_ends(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    """The sweep a long file keeps going looks again for due batches (reading only)."""
+    store = Store(engine)
+    store.enqueue("done-slow")
+    services = FakeServices()
+    services.held["done-slow"] = asyncio.Event()
+
+    async def main() -> None:
+        async with _sweeper(engine, services, tmp_path / "out", concurrency=2) as sweeper:
+            sweep = asyncio.create_task(sweeper.sweep())
+            await _until(lambda: "done-slow" in services.file_requests)
+            await asyncio.to_thread(store.enqueue, "open-late")
+            await _until(lambda: "open-late" in services.status_calls)
+            assert not sweep.done(), "checked by this sweep, while the file still downloads"
+            services.held["done-slow"].set()
+            report = await asyncio.wait_for(sweep, 10)
+        assert (report.checked, report.downloaded) == (2, 1)
+
+    asyncio.run(main())
+    assert store.count_by_state() == {"downloaded": 1, "processing": 1}
+
+
+def _set_row(engine: sa.Engine, request_id: str, **values: object) -> None:
+    assignments = ", ".join(f"{column} = :{column}" for column in values)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(f"UPDATE tracker_batches SET {assignments} WHERE request_id = :rid"),
+            {"rid": request_id, **values},
+        )
+
+
+def test_a_ready_batch_refused_again_and_again_fails_and_its_group_still_commits(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    """ready -> rejected is not a transition; it once failed every write of its group."""
+    store = Store(engine)
+    store.enqueue_many(["invalid-was-ready", "open-1", "open-2"])
+    _set_row(engine, "invalid-was-ready", state="ready", rejections=2)
+    services = FakeServices()
+
+    async def main() -> None:
+        async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
+            report = await sweeper.sweep()
+        assert (report.checked, report.errors) == (3, 0)
+
+    asyncio.run(main())
+    rows = {row.request_id: row for row in store.list_batches()}
+    assert {name: row.state for name, row in rows.items()} == {
+        "invalid-was-ready": "failed",
+        "open-1": "processing",
+        "open-2": "processing",
+    }
+    failed = rows["invalid-was-ready"]
+    assert failed.lease_owner is None and failed.last_error is not None
+    assert "HTTP 400" in failed.last_error
+    assert [(t.from_state, t.to_state) for t in store.history(failed.id)] == [("ready", "failed")]
+
+
+@pytest.mark.postgres
+def test_a_write_the_database_refuses_fails_alone_and_its_batch_is_handed_back(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """checks at the integer maximum: `checks + 1` overflows that one write, not its group."""
+    engine = create_engine_for(pg_url)
+    try:
+        store = Store(engine)
+        store.enqueue_many(["open-full", "open-1", "open-2"])
+        _set_row(engine, "open-full", checks=2**31 - 1)
+        services = FakeServices()
+
+        async def main() -> None:
+            async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
+                report = await sweeper.sweep()
+            assert (report.checked, report.errors) == (3, 1)
+
+        asyncio.run(main())
+        rows = {row.request_id: row for row in store.list_batches()}
+        assert {name: (row.state, row.checks) for name, row in rows.items()} == {
+            "open-full": ("pending", 2**31 - 1),
+            "open-1": ("processing", 1),
+            "open-2": ("processing", 1),
+        }
+        full = rows["open-full"]
+        assert full.lease_owner is None
+        assert full.last_error is not None and "out of range" in full.last_error
+        # Looked at again only after a long while: the same write would be refused again.
+        assert full.next_check_at is not None and full.next_check_at > full.updated_at
+    finally:
+        engine.dispose()
