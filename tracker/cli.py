@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
+# The settings that shape how the daemon recovers and waits; the README lists every one.
+RUN_SETTINGS = """\
+recovery and pauses (environment, or the TOML file without the prefix):
+  TRACKER_LEASE_DURATION=300     how long a claim lasts before another instance may take it
+  TRACKER_HEARTBEAT_TIMEOUT=30   an instance silent this long is presumed dead and its
+                                 batches are freed (a restart on the same machine frees
+                                 its dead predecessor's batches at once); at least 3 s
+  TRACKER_MAX_RETRY_AFTER=3600   the longest pause a 429's Retry-After may impose
+  TRACKER_SHUTDOWN_GRACE=20      on SIGTERM, how long in-flight work may finish
+every setting: README.md, section Configuration
+"""
+
 
 def _settings(args: argparse.Namespace) -> Settings:
     from tracker.settings import load_settings
@@ -392,11 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade.set_defaults(handler=cmd_db_upgrade)
 
-    command(
+    run = command(
         "run",
         cmd_run,
         "run the daemon in the foreground (applies migrations first); SIGTERM stops it cleanly",
     )
+    run.formatter_class = argparse.RawDescriptionHelpFormatter
+    run.epilog = RUN_SETTINGS
     command("sweep", cmd_sweep, "work every batch that is due now once, then exit")
     command(
         "check",

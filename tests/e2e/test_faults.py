@@ -565,9 +565,7 @@ def test_api_errors_and_garbage_are_weather(
     launch: DaemonLauncher,
 ) -> None:
     # Completed at the first answer that is not an error: each batch needs one good call.
-    # A quarter of all answers fail on top of the garbage- and flaky- faults: at one half,
-    # a streak of six faults (backoff doubling from 5 s, full jitter) once outlasted the
-    # wait below under CI.
+    # A quarter of all answers fail on top of the garbage- and flaky- faults.
     api = fake_api("--completion-delay", "0", "--error-rate", "0.25")
     output_dir = tmp_path / "out"
     env = fault_env(sqlite_url, api.url, output_dir)
@@ -580,9 +578,8 @@ def test_api_errors_and_garbage_are_weather(
     daemon = launch(env)
     daemon.wait_started()
     raw_insert(sqlite_url, request_ids)
-    # The fault backoff starts at 5 s and doubles (full jitter): a few unlucky batches
-    # can take a while, hence the long bound.
-    wait_all_downloaded(sqlite_url, len(request_ids), 240)
+    # The fault backoff is capped at TRACKER_POLL_MAX_INTERVAL (1 s here).
+    wait_all_downloaded(sqlite_url, len(request_ids), 120)
     assert daemon.stop(signal.SIGTERM) == 0
     stats = sim_stats(api)
     print(f"\nFIGURES api errors: {stats['errors_served']} 5xx/garbage answers served")
@@ -591,6 +588,36 @@ def test_api_errors_and_garbage_are_weather(
     chains = assert_consistent_history(sqlite_url)
     assert_downloaded_once(chains)
     assert all("failed" not in {to for _, to in chain} for chain in chains.values())
+
+
+def test_a_flaky_api_is_retried_within_the_configured_maximum_interval(
+    e2e_database_url: str,
+    tmp_path: Path,
+    fake_api: Callable[..., FakeApi],
+    launch: DaemonLauncher,
+) -> None:
+    """Most answers fail: with TRACKER_POLL_MAX_INTERVAL=1 no batch waits much longer than
+    a second between tries, so even a long streak of faults costs seconds. The backoff once
+    grew from 5 s towards 600 s whatever the settings said: six faults in a row cost minutes.
+    """
+    api = fake_api("--completion-delay", "0", "--error-rate", "0.85")
+    output_dir = tmp_path / "out"
+    env = fault_env(e2e_database_url, api.url, output_dir, TRACKER_POLL_MAX_INTERVAL="1")
+    request_ids = [f"{tag()}{i:02d}" for i in range(8)]
+    daemon = launch(env)
+    daemon.wait_started()
+    started = time.monotonic()
+    raw_insert(e2e_database_url, request_ids)
+    wait_all_downloaded(e2e_database_url, len(request_ids), 90)
+    took = time.monotonic() - started
+    assert daemon.stop(signal.SIGTERM) == 0
+    stats = sim_stats(api)
+    print(
+        f"\nFIGURES flaky api: {len(request_ids)} batches in {took:.1f} s, "
+        f"{stats['errors_served']} of {stats['status_calls_total']} status answers were 503"
+    )
+    assert stats["errors_served"] >= len(request_ids)
+    assert_files(output_dir, expected_files(request_ids))
 
 
 def test_api_down_then_back_on_the_same_port_is_weather(
