@@ -145,7 +145,12 @@ def test_an_illegal_transition_fails_alone_and_its_batch_is_handed_back(engine: 
     assert (rows["ok1"].state, rows["ok1"].checks) == ("processing", 1)
     assert (rows["ok2"].state, rows["ok2"].checks) == ("processing", 1)
     bad = rows["illegal1"]
-    assert (bad.state, bad.checks, bad.lease_owner, bad.lease_expires_at) == ("pending", 0, None, None)
+    assert (bad.state, bad.checks, bad.lease_owner, bad.lease_expires_at) == (
+        "pending",
+        0,
+        None,
+        None,
+    )
     assert bad.last_error == str(refused)
     # Not at once again: the same write would be refused again, each time after a status call.
     assert bad.next_check_at == NOW + timedelta(seconds=600)
