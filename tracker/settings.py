@@ -46,6 +46,30 @@ def _heartbeat_timeout(text: str) -> float:
     return value
 
 
+_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes, or with a binary unit: 512k, 100M, 10G, 1T (K = 1024)."""
+    value = text.strip().lower().removesuffix("ib").removesuffix("b")
+    unit = value[-1:] if value[-1:] in _SIZE_UNITS else ""
+    number = value[: len(value) - len(unit)].strip()
+    if not number.isdigit():
+        raise ValueError("must be a whole number of bytes, optionally with K, M, G or T (e.g. 10G)")
+    size = int(number) * _SIZE_UNITS[unit]
+    if size <= 0:
+        raise ValueError("must be positive")
+    return size
+
+
+def _env_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    for name in names:
+        if not (name.replace("_", "a").isalnum() and name.isascii()) or name[0].isdigit():
+            raise ValueError(f"{name!r} is not an environment variable name")
+    return names
+
+
 def _count(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -140,6 +164,8 @@ class Settings:
     http_timeout: float = 30.0
     download_allowed_hosts: tuple[str, ...] = ("*.amazonaws.com",)
     download_deadline: float = 3600.0
+    # The largest output file accepted; a larger one (announced or sent) is refused.
+    max_file_size: int = 10 << 30
     file_mode: int = 0o640
     lease_duration: float = 300.0
     # An instance whose heartbeat is older than this is presumed dead: its leases are freed.
@@ -151,6 +177,8 @@ class Settings:
     log_level: str = "INFO"
     on_final: str | None = None
     on_final_timeout: float = 60.0
+    # Extra variables of the daemon's environment passed on to the on-final hook.
+    on_final_env: tuple[str, ...] = ()
     metrics_addr: str | None = None
 
     @property
@@ -209,6 +237,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "http_timeout": _duration,
     "download_allowed_hosts": _host_patterns,
     "download_deadline": _duration,
+    "max_file_size": _size,
     "file_mode": _mode,
     "lease_duration": _duration,
     "heartbeat_timeout": _heartbeat_timeout,
@@ -218,6 +247,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "log_level": _log_level,
     "on_final": _command,
     "on_final_timeout": _duration,
+    "on_final_env": _env_names,
     "metrics_addr": _listen_address,
 }
 assert set(_PARSERS) == {f.name for f in fields(Settings)}

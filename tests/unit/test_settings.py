@@ -126,3 +126,38 @@ def test_systemd_credential_is_the_default_secret_file(tmp_path: Path) -> None:
         {"CREDENTIALS_DIRECTORY": str(tmp_path), "TRACKER_CLIENT_SECRET": "explicit"}
     )
     assert explicit.read_client_secret() == "explicit"
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("4096", 4096),
+        ("512k", 512 << 10),
+        ("100M", 100 << 20),
+        ("10G", 10 << 30),
+        ("1TiB", 1 << 40),
+    ],
+)
+def test_max_file_size_takes_bytes_or_binary_units(text: str, size: int) -> None:
+    assert load_settings({"TRACKER_MAX_FILE_SIZE": text}).max_file_size == size
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.5G", "ten", "10X", "G"])
+def test_max_file_size_refuses_what_is_not_a_positive_size(text: str) -> None:
+    with pytest.raises(SettingsError, match="TRACKER_MAX_FILE_SIZE"):
+        load_settings({"TRACKER_MAX_FILE_SIZE": text})
+
+
+def test_heartbeat_timeout_has_a_floor_and_max_retry_after_is_a_duration() -> None:
+    settings = load_settings({"TRACKER_HEARTBEAT_TIMEOUT": "1m", "TRACKER_MAX_RETRY_AFTER": "2h"})
+    assert (settings.heartbeat_timeout, settings.max_retry_after) == (60.0, 7200.0)
+    with pytest.raises(SettingsError, match="TRACKER_HEARTBEAT_TIMEOUT"):
+        load_settings({"TRACKER_HEARTBEAT_TIMEOUT": "2"})
+
+
+def test_on_final_env_is_a_list_of_variable_names() -> None:
+    names = load_settings({"TRACKER_ON_FINAL_ENV": "PGSERVICE, MY_APP_TOKEN"}).on_final_env
+    assert names == ("PGSERVICE", "MY_APP_TOKEN")
+    for bad in ("1ABC", "A-B", "A=B"):
+        with pytest.raises(SettingsError, match="TRACKER_ON_FINAL_ENV"):
+            load_settings({"TRACKER_ON_FINAL_ENV": bad})
