@@ -135,11 +135,15 @@ def _listen_address(text: str) -> str:
 
 def _mode(text: str) -> int:
     value = int(text, 8)
-    if value & 0o007:
-        raise ValueError("output files must not be world-accessible (e.g. 640)")
-    if not value & 0o600 == 0o600:
-        raise ValueError("the owner must be able to read and write (e.g. 640)")
+    # Owner read (and write), group read: nothing else. No world bits, no execute, no group
+    # write, no setuid/setgid/sticky. A read-only mode is fine: the downloader writes and
+    # fchmods through the descriptor it created, and publishes with a rename.
+    if value not in _FILE_MODES:
+        raise ValueError("must be 600, 640, 400 or 440 (owner read/write, group read)")
     return value
+
+
+_FILE_MODES = frozenset({0o600, 0o640, 0o400, 0o440})
 
 
 @dataclass(frozen=True)

@@ -161,3 +161,17 @@ def test_on_final_env_is_a_list_of_variable_names() -> None:
     for bad in ("1ABC", "A-B", "A=B"):
         with pytest.raises(SettingsError, match="TRACKER_ON_FINAL_ENV"):
             load_settings({"TRACKER_ON_FINAL_ENV": bad})
+
+
+@pytest.mark.parametrize("text", ["600", "640", "400", "440", "0640", "0o640"])
+def test_file_mode_accepts_owner_read_write_and_group_read(text: str) -> None:
+    assert load_settings({"TRACKER_FILE_MODE": text}).file_mode == int(text.removeprefix("0o"), 8)
+
+
+@pytest.mark.parametrize(
+    "text", ["4770", "7640", "2640", "1640", "4640", "660", "670", "700", "740", "750", "200"]
+)
+def test_file_mode_refuses_setuid_setgid_sticky_execute_and_group_write(text: str) -> None:
+    with pytest.raises(SettingsError, match="TRACKER_FILE_MODE") as refused:
+        load_settings({"TRACKER_FILE_MODE": text})
+    assert "\n" not in str(refused.value)
