@@ -305,6 +305,9 @@ class Store:
                 "file_path": None,
                 "file_size": None,
                 "file_sha256": None,
+                # The hook runs for final states only: one not yet run for the state left
+                # behind is dropped, and the next final transition sets it again.
+                "hook_pending": False,
             },
         )
 
@@ -584,11 +587,18 @@ class Store:
         """Take up to `limit` batches whose on-final hook has not run yet.
 
         The flag is cleared as the batch is taken, so each hook runs at most once even with
-        several instances; a crash while the hook runs loses that run (documented).
+        several instances; a crash while the hook runs loses that run (documented). Only
+        final batches are taken: a flag left on an open one (an older version's retry kept
+        it) is cleared without running the hook.
         """
+        stale = (
+            batches.update()
+            .where(batches.c.hook_pending.is_(True), batches.c.state.not_in(_TERMINAL))
+            .values(hook_pending=False)
+        )
         pending = (
             sa.select(batches.c.id)
-            .where(batches.c.hook_pending.is_(True))
+            .where(batches.c.hook_pending.is_(True), batches.c.state.in_(_TERMINAL))
             .order_by(batches.c.id)
             .limit(limit)
             .with_for_update(skip_locked=True)
@@ -600,6 +610,7 @@ class Store:
             .returning(*batches.c)
         )
         with self.engine.begin() as connection:
+            connection.execute(stale)
             rows = [BatchRow(**row._mapping) for row in connection.execute(claim)]
         return sorted(rows, key=lambda row: row.id)
 
