@@ -126,6 +126,7 @@ class Daemon:
         heartbeat_timeout: float = 30.0,
         on_final: str | None = None,
         on_final_timeout: float = 60.0,
+        on_final_env: tuple[str, ...] = (),
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
     ) -> None:
@@ -137,6 +138,7 @@ class Daemon:
         self.sweep_interval = sweep_interval
         self.on_final = on_final
         self.on_final_timeout = on_final_timeout
+        self.on_final_env = on_final_env
         self._again = False
         self._woken: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -288,7 +290,15 @@ class Daemon:
                 if not batches:
                     return
                 outcomes = await asyncio.gather(
-                    *(run_final_hook(self.on_final, b, self.on_final_timeout) for b in batches),
+                    *(
+                        run_final_hook(
+                            self.on_final,
+                            b,
+                            self.on_final_timeout,
+                            allowed_env=self.on_final_env,
+                        )
+                        for b in batches
+                    ),
                     return_exceptions=True,
                 )
                 for batch, outcome in zip(batches, outcomes, strict=True):
@@ -475,6 +485,7 @@ async def run_service(
                 heartbeat_timeout=settings.heartbeat_timeout,
                 on_final=settings.on_final,
                 on_final_timeout=settings.on_final_timeout,
+                on_final_env=settings.on_final_env,
                 notifier=notifier,
                 metrics=metrics,
             )
