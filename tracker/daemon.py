@@ -98,6 +98,7 @@ async def open_sweeper(
             allowed_hosts=settings.download_allowed_hosts,
             file_mode=settings.file_mode,
             deadline=settings.download_deadline,
+            max_file_size=settings.max_file_size,
         )
         yield Sweeper(
             store=store,

@@ -20,7 +20,8 @@ import json
 import math
 import random
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,12 +38,14 @@ from tracker.domain.answers import (
     classify_transport_error,
     trim_raw,
 )
+from tracker.domain.redact import redact, redact_secrets_in_bytes
 
 if TYPE_CHECKING:
     from tracker.budget import Budget
     from tracker.domain.quota import Grant
 
 __all__ = [
+    "MAX_ANSWER_BYTES",
     "AuthFailed",
     "CallsPaused",
     "DeepvueClient",
@@ -80,7 +83,12 @@ _MIN_SLEEP = 0.001
 # Statuses with which /v1/authorize refuses the credentials themselves (documented: 401
 # invalid, 400 inactive client; 403 no access; 422 a malformed form, which retrying won't fix).
 _AUTHORIZE_REFUSED = frozenset({400, 401, 403, 422})
-_REDACTED = "<redacted>"
+# The most of an answer (status, authorize, upload) read, on the wire and once decoded. A
+# status answer is a few hundred bytes: a body past this, or a gzip bomb, is refused as a
+# transient fault before it can take the daemon's memory or hold up its event loop.
+MAX_ANSWER_BYTES = 1 << 20
+# Asked for explicitly, so that no client library offers an encoding we do not decode.
+_ACCEPT_ENCODING = "gzip, deflate"
 
 
 class AuthFailed(Exception):
@@ -282,6 +290,7 @@ class DeepvueClient:
         refresh_margin: float = 300.0,
         status_transport: httpx.AsyncBaseTransport | None = None,
         max_retry_after: float = DEFAULT_MAX_RETRY_AFTER,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
     ) -> None:
         """`status_transport`, when given, carries the status calls straight to the wire,
         without `http`'s per-request machinery (auth flow, redirect handling, cookies, event
@@ -290,6 +299,9 @@ class DeepvueClient:
 
         `max_retry_after` (TRACKER_MAX_RETRY_AFTER) is the longest pause a 429's
         Retry-After may impose; a longer one is clamped to it and logged.
+
+        `max_answer_bytes` bounds every answer read, on the wire and decoded (see
+        `read_answer`).
         """
         self._http = http
         self._status_transport = status_transport
@@ -311,6 +323,7 @@ class DeepvueClient:
         self._secret = ""
         self._consecutive_429 = 0
         self._max_retry_after = max_retry_after
+        self._max_answer_bytes = max_answer_bytes
 
     @property
     def throttle(self) -> Throttle:
@@ -369,29 +382,30 @@ class DeepvueClient:
             token = await self._get_token(rejected=None)
         except _AuthUnavailable as exc:
             raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
-        response = await self._submit_call(batch_file, token)
+        response, content = await self._submit_call(batch_file, token)
         if response.status_code in (401, 403):
             try:
                 token = await self._get_token(rejected=token)
             except _AuthUnavailable as exc:
                 raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
-            response = await self._submit_call(batch_file, token)
+            response, content = await self._submit_call(batch_file, token)
             if response.status_code in (401, 403):
                 raise AuthFailed(
                     f"Deepvue refused the credentials for client_id={self._client_id}: "
                     f"the upload answered HTTP {response.status_code}"
                 )
-        body = _json_object(self._scrub(response.text))
+        text = content.decode("utf-8", errors="replace")
+        body = _json_object(self._scrub(text))
         request_id = body.get("request_id") if body else None
         if response.status_code == 200 and body and body.get("code") in (200, 201) and request_id:
             return str(request_id)
-        detail = (body or {}).get("detail") or (body or {}).get("message") or response.text
+        detail = (body or {}).get("detail") or (body or {}).get("message") or text
         raise SubmitFailed(
             f"Deepvue did not accept the batch file (HTTP {response.status_code}): "
             f"{trim_raw(self._scrub(str(detail)), 300)}"
         )
 
-    async def _submit_call(self, batch_file: Path, token: _Token) -> httpx.Response:
+    async def _submit_call(self, batch_file: Path, token: _Token) -> tuple[httpx.Response, bytes]:
         try:
             await self._throttle.acquire()
         except CallsPaused as paused:
@@ -401,13 +415,26 @@ class DeepvueClient:
             ) from None
         try:
             with batch_file.open("rb") as upload:
-                return await self._http.post(
+                request = self._http.build_request(
+                    "POST",
                     f"{self._base_url}{UPI_BATCH_PATH}",
                     files={"batch_file": (batch_file.name, upload, "text/csv")},
-                    headers={"Authorization": f"Bearer {token.value}", "x-api-key": self._secret},
+                    headers={
+                        "Authorization": f"Bearer {token.value}",
+                        "x-api-key": self._secret,
+                        "Accept-Encoding": _ACCEPT_ENCODING,
+                    },
                 )
+                response = await self._http.send(request, stream=True)
+                try:
+                    content = await read_answer(response, self._max_answer_bytes)
+                finally:
+                    await response.aclose()
+                return response, content
         except httpx.RequestError as exc:
             raise SubmitFailed(f"upload failed: {self._describe(exc)}") from None
+        except AnswerTooLarge as exc:
+            raise SubmitFailed(f"Deepvue's answer to the upload was too large: {exc}") from None
 
     # -- status call ---------------------------------------------------------------------
 
@@ -420,30 +447,39 @@ class DeepvueClient:
                 "User-Agent": USER_AGENT,
                 "Authorization": f"Bearer {token.value}",
                 "x-api-key": self._secret,
+                "Accept-Encoding": _ACCEPT_ENCODING,
             },
             extensions={"timeout": self._timeout},
         )
         try:
-            response = await self._send_status(request)
+            response, content = await self._send_status(request)
         except httpx.RequestError as exc:  # timeouts, connection and protocol errors
             return classify_transport_error(self._describe(exc))
+        except AnswerTooLarge as exc:
+            return StatusAnswer(
+                outcome=Outcome.TRANSIENT,
+                http_status=exc.http_status,
+                detail=f"status answer too large: {exc}",
+            )
         answer = classify_status(
             response.status_code,
-            self._scrub_bytes(response.content),
+            self._scrub_bytes(content),
             retry_after=response.headers.get("retry-after"),
             now=self._utcnow(),
         )
         return self._scrub_answer(answer)
 
-    async def _send_status(self, request: httpx.Request) -> httpx.Response:
+    async def _send_status(self, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """The answer and its body, read with `read_answer`'s limits."""
         if self._status_transport is None:
-            return await self._http.send(request)
-        response = await self._status_transport.handle_async_request(request)
+            response = await self._http.send(request, stream=True)
+        else:
+            response = await self._status_transport.handle_async_request(request)
         try:
-            await response.aread()
+            content = await read_answer(response, self._max_answer_bytes)
         finally:
             await response.aclose()
-        return response
+        return response, content
 
     async def _after_answer(self, answer: StatusAnswer, request_id: str) -> StatusAnswer:
         """Service-wide bookkeeping of an answer: 429s slow down every call of the process."""
@@ -539,18 +575,32 @@ class DeepvueClient:
 
     async def _request_token(self, *, generation: int) -> _Token:
         secret = self._load_secret()
+        request = self._http.build_request(
+            "POST",
+            f"{self._base_url}{AUTHORIZE_PATH}",
+            data={"client_id": self._client_id, "client_secret": secret},
+            headers={"Accept-Encoding": _ACCEPT_ENCODING},
+        )
         try:
-            response = await self._http.post(
-                f"{self._base_url}{AUTHORIZE_PATH}",
-                data={"client_id": self._client_id, "client_secret": secret},
-            )
+            response = await self._http.send(request, stream=True)
+            try:
+                content = await read_answer(response, self._max_answer_bytes)
+            finally:
+                await response.aclose()
         except httpx.RequestError as exc:
             raise _AuthUnavailable(
                 classify_transport_error(f"authorize: {self._describe(exc)}")
             ) from None
+        except AnswerTooLarge as exc:
+            raise _AuthUnavailable(
+                StatusAnswer(
+                    outcome=Outcome.TRANSIENT,
+                    http_status=exc.http_status,
+                    detail=f"authorize answer too large: {exc}",
+                )
+            ) from None
 
         status = response.status_code
-        content = response.content
         raw = content.decode("utf-8", errors="replace")
         if status in _AUTHORIZE_REFUSED:
             raise AuthFailed(
@@ -610,19 +660,19 @@ class DeepvueClient:
         return [s for s in (self._secret, self._token.value if self._token else "") if s]
 
     def _scrub(self, text: str) -> str:
-        """Remove the secret and the token, should the server or httpx echo them back."""
-        for secret in self._secrets():
-            text = text.replace(secret, _REDACTED)
-        return text
+        """`redact` with the secret and the token, should the server or httpx echo them back
+        (plain, percent-encoded or JSON-escaped), and any JWT, query string or credential."""
+        return redact(text, self._secrets())
 
     def _scrub_bytes(self, content: bytes) -> bytes:
-        for secret in self._secrets():
-            content = content.replace(secret.encode(), _REDACTED.encode())
-        return content
+        # Only the known secrets: the body is still to be classified, and a completed
+        # answer's output URL is needed with its query string.
+        return redact_secrets_in_bytes(content, self._secrets())
 
     def _scrub_answer(self, answer: StatusAnswer) -> StatusAnswer:
         # A second pass over what classify_status kept (say, a secret that was JSON-escaped
-        # in the body and decoded into api_message).
+        # in the body and decoded into api_message). The output URL is left alone: it is
+        # what the downloader fetches, and only `redact_url` of it is ever shown.
         return dataclasses.replace(
             answer,
             api_message=None if answer.api_message is None else self._scrub(answer.api_message),
@@ -671,6 +721,105 @@ def _jwt_exp(token: str) -> datetime | None:
     try:
         return datetime.fromtimestamp(exp, UTC)
     except (OverflowError, OSError, ValueError):
+        return None
+
+
+class AnswerTooLarge(Exception):
+    """An answer's body is longer than the limit, on the wire or once decoded."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class _Identity:
+    def decompress(self, data: bytes, max_length: int) -> bytes:
+        return data
+
+    def flush(self) -> bytes:
+        return b""
+
+
+async def read_answer(response: httpx.Response, limit: int) -> bytes:
+    """The body of a streamed `response`, decoded as its Content-Encoding says.
+
+    Raises AnswerTooLarge as soon as more than `limit` bytes arrive or decode: the raw
+    bytes are read and inflated piece by piece, each piece only up to what is left of
+    the limit, so neither a long body nor a gzip bomb is ever held in memory, and the
+    work done on the event loop stays bounded by the limit. A body that does not decode
+    raises httpx.DecodingError, as httpx would.
+    """
+    status = response.status_code
+    try:
+        content = response.content  # read already (httpx.MockTransport reads every answer)
+    except httpx.ResponseNotRead:
+        pass
+    else:
+        if len(content) > limit:
+            raise AnswerTooLarge(f"HTTP {status} with a body of more than {limit} bytes", status)
+        return content
+    codings = [c.strip().lower() for c in response.headers.get("Content-Encoding", "").split(",")]
+    codings = [c for c in codings if c not in ("", "identity")]
+    if len(codings) > 1 or (codings and codings[0] not in ("gzip", "x-gzip", "deflate")):
+        raise httpx.DecodingError(
+            f"answer in an unsupported Content-Encoding: {', '.join(codings)[:80]}",
+            request=_request_of(response),
+        )
+    coding = codings[0] if codings else None
+    decoder: Any = _Identity()
+    if coding in ("gzip", "x-gzip"):
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+    elif coding == "deflate":
+        decoder = zlib.decompressobj(zlib.MAX_WBITS)
+    received = 0
+    parts: list[bytes] = []
+    size = 0
+    first = True
+    raw: AsyncIterator[bytes] = response.aiter_raw()
+    try:
+        async for chunk in raw:
+            received += len(chunk)
+            if received > limit:
+                raise AnswerTooLarge(
+                    f"HTTP {status} with a body of more than {limit} bytes", status
+                )
+            try:
+                try:
+                    # One more byte than is left: more than that means over the limit.
+                    data = decoder.decompress(chunk, limit - size + 1)
+                except zlib.error:
+                    if not (first and coding == "deflate"):
+                        raise
+                    # "deflate" without the zlib header, as some servers send it.
+                    decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                    data = decoder.decompress(chunk, limit - size + 1)
+            except zlib.error as exc:
+                raise httpx.DecodingError(
+                    f"answer does not decode as {coding}: {exc}", request=_request_of(response)
+                ) from None
+            first = False
+            size += len(data)
+            if size > limit:
+                raise AnswerTooLarge(
+                    f"HTTP {status} with a body that decodes ({coding}) to more than {limit} bytes",
+                    status,
+                )
+            parts.append(data)
+        tail = decoder.flush()
+    finally:
+        await response.aclose()
+    if size + len(tail) > limit:
+        raise AnswerTooLarge(
+            f"HTTP {status} with a body that decodes to more than {limit} bytes", status
+        )
+    parts.append(tail)
+    return b"".join(parts)
+
+
+def _request_of(response: httpx.Response) -> httpx.Request | None:
+    try:
+        return response.request
+    except RuntimeError:  # a bare transport's answer may not carry it
         return None
 
 

@@ -50,11 +50,14 @@ from tracker.domain.urls import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_FILE_SIZE",
+    "ChecksumMismatch",
     "DownloadError",
     "DownloadInterrupted",
     "DownloadRefused",
     "DownloadedFile",
     "Downloader",
+    "FileTooLarge",
     "OutputUnwritable",
     "OwnershipLost",
     "UrlExpired",
@@ -73,6 +76,11 @@ _CUT_SHORT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout)
 _UNWRITABLE_ERRNOS = frozenset(
     {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 )
+# A single-part S3 object's ETag is the MD5 of its bytes: 32 hex digits, quoted. A
+# multipart upload's has a dash and a part count, and is no checksum of the content.
+_MD5_ETAG = re.compile(r'"([0-9a-fA-F]{32})"')
+# TRACKER_MAX_FILE_SIZE's default: the largest output file accepted.
+DEFAULT_MAX_FILE_SIZE = 10 << 30
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 
 # What aiohttp buffers per connection before it stops reading the socket (it pauses at
@@ -122,6 +130,18 @@ class DownloadInterrupted(DownloadError):
 
 class OutputUnwritable(DownloadError):
     """The output directory cannot be written (full, quota, read-only, permissions)."""
+
+
+class FileTooLarge(OutputUnwritable):
+    """The file is larger than TRACKER_MAX_FILE_SIZE, by its Content-Length or its body.
+
+    Like a full disk, an operator must act (raise the limit) and the batch is not at
+    fault, so it stays ready and retryable without counting an attempt.
+    """
+
+
+class ChecksumMismatch(DownloadInterrupted):
+    """The bytes received disagree with the file host's own MD5 (a single-part ETag)."""
 
 
 class OwnershipLost(DownloadError):
@@ -299,6 +319,8 @@ class _TempFile:
         self.fd = fd
         self.size = 0  # bytes accepted; all of them are in the file unless an error is raised
         self.hasher = hashlib.sha256()
+        # The MD5 of the bytes, kept only while the file host's ETag is one to check it by.
+        self.md5: hashlib._Hash | None = None
         self._writer: _Writer | None = None
         self._batch: list[bytes] = []  # chunks not yet handed to the writer
         self._batch_size = 0
@@ -311,6 +333,8 @@ class _TempFile:
         if self._writer is None and self.size + len(chunk) <= _INLINE_BYTES:
             _write_all(self.fd, chunk)
             self.hasher.update(chunk)
+            if self.md5 is not None:
+                self.md5.update(chunk)
             self.size += len(chunk)
             return
         self.size += len(chunk)
@@ -333,6 +357,16 @@ class _TempFile:
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.size = 0
         self.hasher = hashlib.sha256()
+        self.md5 = None
+
+    def track_md5(self) -> None:
+        """Hash MD5 too, from here on; called while the file is still empty."""
+        self.md5 = hashlib.md5(usedforsecurity=False)
+
+    async def md5_hexdigest(self) -> str | None:
+        """The MD5 of every accepted byte (None when not tracked); waits for the writer."""
+        await self.drain()
+        return None if self.md5 is None else self.md5.hexdigest()
 
     async def close_durably(self) -> int:
         """fsync and close the file; return its length on disk."""
@@ -476,6 +510,8 @@ class _Writer:
     def _write(self, chunk: bytes) -> None:
         file = self._file
         file.hasher.update(chunk)
+        if file.md5 is not None:
+            file.md5.update(chunk)
         _write_all(file.fd, chunk)
         self._written += len(chunk)
         behind = self._written - self._written_back
@@ -582,6 +618,7 @@ class _Progress:
     file: _TempFile
     total: int | None = None  # expected full length, once the server has said it
     validator: str | None = None  # ETag or Last-Modified of the bytes we hold
+    md5: str | None = None  # the whole file's MD5, when its ETag is one
     announced: bool = False  # download.start has been logged
 
     @property
@@ -592,6 +629,11 @@ class _Progress:
         await self.file.restart()
         self.total = None
         self.validator = None
+        self.md5 = None
+
+    def still_to_write(self) -> int:
+        """Bytes this fetch is yet to write, as far as the server has said."""
+        return 0 if self.total is None else max(self.total - self.size, 0)
 
 
 @dataclass(slots=True)
@@ -654,6 +696,7 @@ class Downloader:
         file_mode: int = 0o640,
         deadline: float = 3600.0,
         max_resumes: int = 3,
+        max_file_size: int = DEFAULT_MAX_FILE_SIZE,
         chunk_size: int = 1 << 16,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -669,6 +712,9 @@ class Downloader:
         self._file_mode = file_mode
         self._deadline = deadline
         self._max_resumes = max_resumes
+        self._max_file_size = max_file_size
+        # The fetches under way, for the space they are about to take on the disk.
+        self._in_flight: dict[int, _Progress] = {}
         # Kept for callers that pass it; the transport decides how bytes arrive.
         self._chunk_size = chunk_size
         self._monotonic = monotonic
@@ -816,13 +862,14 @@ class Downloader:
         published = False
         with _classify_os_errors(f"creating {temp.name} in {self._output_dir}"):
             file = _TempFile(self._open_temp(temp))
+        progress = _Progress(file)
+        self._in_flight[id(progress)] = progress
         try:
             with _classify_os_errors(f"setting the mode of {temp.name} in {self._output_dir}"):
                 # os.open's mode is filtered by the umask; fchmod makes it exact, so a
                 # loose umask cannot expose KYC data and a tight one cannot hide it
                 # from the group that processes it.
                 os.fchmod(file.fd, self._file_mode)
-            progress = _Progress(file)
             # A real-time backstop beside the per-chunk check on the injected clock:
             # it also bounds a connect or a first byte that never comes.
             timeout = asyncio.timeout(self._deadline)
@@ -841,6 +888,7 @@ class Downloader:
                 raise DownloadInterrupted(
                     f"length mismatch: wrote {file.size} bytes, {on_disk} on disk"
                 )
+            self._verify_md5(progress)
             await watch.beat(force=True)
             with _classify_os_errors(f"publishing {final.name} in {self._output_dir}"):
                 os.replace(temp, final)
@@ -849,6 +897,7 @@ class Downloader:
                 await self._directory_sync.after_rename()
             return file.size, file.hasher.hexdigest(), resumes
         finally:
+            self._in_flight.pop(id(progress), None)
             file.discard()
             if not published:
                 # Never leave a partial file behind, whatever went wrong (including
@@ -976,6 +1025,9 @@ class Downloader:
                 await self._restart(progress)
             progress.total = _content_length(response)
             progress.validator = _validator(response)
+            progress.md5 = _etag_md5(response)
+            if progress.md5 is not None:
+                progress.file.track_md5()
         elif status == 206:
             problem = self._accept_partial(response, progress)
             if problem is not None:
@@ -987,14 +1039,21 @@ class Downloader:
                 f"file host answered unexpected {status} for {redact_url(str(response.url))}"
             )
 
+        self._check_room(progress)
         file = progress.file
         total = progress.total
+        limit = self._max_file_size
         try:
             with _classify_os_errors(f"writing to {self._output_dir}"):
                 async for chunk in response.aiter_raw():
                     if total is not None and file.size + len(chunk) > total:
                         raise DownloadInterrupted(
                             f"length mismatch: server sent more than {total} bytes"
+                        )
+                    if file.size + len(chunk) > limit:
+                        raise FileTooLarge(
+                            f"refused: the file grew past the size limit of {limit} bytes "
+                            "(TRACKER_MAX_FILE_SIZE) while downloading"
                         )
                     await file.write(chunk)
                     if not progress.announced and (total is None or file.size < total):
@@ -1007,12 +1066,64 @@ class Downloader:
         except _CUT_SHORT as exc:
             return f"connection cut: {type(exc).__name__}"
         if progress.total is None:
-            # No length given (chunked encoding): the transport raises on a chunked
-            # stream that ends early, so a clean end is the whole file.
-            return None
+            if "chunked" in response.headers.get("Transfer-Encoding", "").lower():
+                # Chunked encoding: the transport raises on a chunked stream that ends
+                # early, so a clean end is the whole file.
+                return None
+            # Neither a length nor chunks: the body ends where the connection closed,
+            # which a cut looks like too. Only the file host's checksum can say whether
+            # this is the whole file.
+            if progress.md5 is None:
+                raise DownloadInterrupted(
+                    "the file host sent no Content-Length, no chunked encoding and no MD5 "
+                    f"ETag: {progress.size} bytes arrived, and nothing confirms that this is "
+                    "the whole file"
+                )
+            with _classify_os_errors(f"writing to {self._output_dir}"):
+                received = await progress.file.md5_hexdigest()
+            if received == progress.md5:
+                return None
+            return "body without Content-Length ended before its MD5 matched the ETag"
         if progress.size < progress.total:
             return "body shorter than announced"
         return None
+
+    def _check_room(self, progress: _Progress) -> None:
+        """Refuse a file above the size limit, or one the output directory has no room for."""
+        total = progress.total
+        if total is None:
+            return  # checked as the body grows; a full disk still raises ENOSPC
+        if total > self._max_file_size:
+            raise FileTooLarge(
+                f"refused: the file host announced {total} bytes, above the size limit of "
+                f"{self._max_file_size} bytes (TRACKER_MAX_FILE_SIZE)"
+            )
+        needed = progress.still_to_write()
+        with _classify_os_errors(f"checking the free space of {self._output_dir}"):
+            fs = os.statvfs(self._directory)
+        free = fs.f_bavail * fs.f_frsize
+        # What the other downloads under way are about to write is not free for this one.
+        promised = sum(
+            other.still_to_write() for other in self._in_flight.values() if other is not progress
+        )
+        if needed > free - promised:
+            raise OutputUnwritable(
+                f"output directory {self._output_dir} has no room for the file: "
+                f"{needed} bytes still to write, {free} bytes free"
+                + (f", {promised} of them promised to other downloads" if promised else "")
+            )
+
+    def _verify_md5(self, progress: _Progress) -> None:
+        """Raise ChecksumMismatch if the file host's MD5 disagrees with the bytes written."""
+        expected, hasher = progress.md5, progress.file.md5
+        if expected is None or hasher is None:
+            return
+        received = hasher.hexdigest()
+        if received != expected:
+            raise ChecksumMismatch(
+                f"checksum mismatch: the {progress.size} bytes received have MD5 {received}, "
+                f"the file host's ETag says {expected}; not published"
+            )
 
     def _accept_partial(self, response: httpx.Response, progress: _Progress) -> str | None:
         """None if this 206 continues exactly where we are; else why we start over."""
@@ -1095,6 +1206,12 @@ def _validator(response: httpx.Response) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return last_modified or etag or None
+
+
+def _etag_md5(response: httpx.Response) -> str | None:
+    """The content MD5 that a single-part S3 object's ETag is, in lower case; else None."""
+    match = _MD5_ETAG.fullmatch(response.headers.get("ETag", "").strip())
+    return None if match is None else match.group(1).lower()
 
 
 def _describe_total(total: int | None) -> str:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import gzip
 import itertools
 import json
 import math
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
@@ -16,17 +19,20 @@ from urllib.parse import parse_qs
 
 import httpx
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from tracker import __version__
 from tracker.budget import MemoryBudget
 from tracker.deepvue import (
+    MAX_ANSWER_BYTES,
     AuthFailed,
     CallsPaused,
     DeepvueClient,
     SubmitFailed,
     Throttle,
     make_api_http_client,
+    make_api_transport,
     parse_token_expiry,
 )
 from tracker.domain.answers import Outcome, StatusAnswer
@@ -967,3 +973,232 @@ def test_upload_during_a_long_pause_fails_with_a_reason(tmp_path: Path) -> None:
     h = run(body)
     assert h.fake.status_requests == []
     assert h.clock.sleeps == []
+
+
+# -- answer size limits (issue 10, defect 2), against a real server and the real transport --------
+
+BOMB_SIZE = 256 * 1024 * 1024  # what the gzip bomb inflates to
+
+
+def gzip_bomb(size: int = BOMB_SIZE) -> bytes:
+    """A valid-looking JSON envelope padded with spaces to `size` bytes, gzipped: ~0.1 % of it."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    head = json.dumps(completed_body("bomb"))[:-1].encode() + b', "pad": "'
+    parts = [compressor.compress(head)]
+    block = b" " * (1 << 20)
+    for _ in range(size // len(block)):
+        parts.append(compressor.compress(block))
+    parts.append(compressor.compress(b'"}') + compressor.flush())
+    return b"".join(parts)
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    pytest.skip("needs /proc/self/status")
+
+
+Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def good_authorize(request: web.Request) -> web.StreamResponse:
+    expiry = (datetime.now(UTC) + timedelta(hours=24)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return web.json_response({"access_token": "tok-1", "token_type": "bearer", "expiry": expiry})
+
+
+async def good_status(request: web.Request) -> web.StreamResponse:
+    return web.json_response(completed_body(request.query["request_id"]))
+
+
+async def gzip_bomb_answer(request: web.Request) -> web.StreamResponse:
+    bomb = request.app[BOMB_KEY]
+    return web.Response(
+        body=bomb, headers={"Content-Encoding": "gzip"}, content_type="application/json"
+    )
+
+
+async def endless_answer(request: web.Request) -> web.StreamResponse:
+    """HTTP 200 JSON-looking, 64 MiB long."""
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
+    response.content_length = 64 << 20
+    await response.prepare(request)
+    await response.write(b'{"data": {"pad": "')
+    block = b" " * (1 << 16)
+    with contextlib.suppress(ConnectionError):
+        for _ in range(1024):
+            await response.write(block)
+    return response
+
+
+BOMB_KEY = web.AppKey("bomb", bytes)
+
+
+@contextlib.asynccontextmanager
+async def real_deepvue(
+    status: Route = good_status, authorize: Route = good_authorize
+) -> AsyncIterator[DeepvueClient]:
+    """A loopback aiohttp server, and a client over the daemon's own transport."""
+    app = web.Application()
+    app[BOMB_KEY] = _BOMB[0] if _BOMB else b""
+    app.router.add_post("/v1/authorize", authorize)
+    app.router.add_get("/v1/verification/batch-processing-status", status)
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    transport = make_api_transport()
+    http = make_api_http_client(5.0, transport)
+    client = DeepvueClient(
+        http,
+        base_url=base,
+        client_id=CLIENT_ID,
+        read_secret=lambda: SECRET,
+        throttle=Throttle(MemoryBudget(plan_windows(1000, 100000, 1000000))),
+        status_transport=transport if Harness.direct else None,
+    )
+    try:
+        yield client
+    finally:
+        await http.aclose()
+        await runner.cleanup()
+
+
+_BOMB: list[bytes] = []
+
+
+@pytest.fixture
+def bomb() -> bytes:
+    if not _BOMB:
+        _BOMB.append(gzip_bomb())
+    return _BOMB[0]
+
+
+async def longest_stall(work: Awaitable[StatusAnswer]) -> tuple[StatusAnswer, float]:
+    """`work`'s answer, and the longest the event loop went without running a 5 ms ticker."""
+    loop = asyncio.get_running_loop()
+    last = [loop.time()]
+    gaps: list[float] = []
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.005)
+            now = loop.time()
+            gaps.append(now - last[0])
+            last[0] = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0)
+    try:
+        answer = await work
+    finally:
+        ticker.cancel()
+    gaps.append(loop.time() - last[0])
+    return answer, max(gaps)
+
+
+def test_a_gzip_bomb_status_answer_is_transient_and_never_inflated(bomb: bytes) -> None:
+    assert len(bomb) < 1 << 20 < BOMB_SIZE  # small on the wire: only the decoded cap stops it
+    before = peak_rss()
+
+    async def main() -> tuple[StatusAnswer, float, StatusAnswer]:
+        async with real_deepvue(status=gzip_bomb_answer) as client:
+            answer, stall = await longest_stall(client.batch_status("req1"))
+        async with real_deepvue() as client:
+            fine = await client.batch_status("req2")
+        return answer, stall, fine
+
+    answer, stall, fine = asyncio.run(main())
+    grown = peak_rss() - before
+    print(
+        f"FIGURES gzip bomb status answer: peak RSS grew {grown / 2**20:.1f} MiB, loop stall {stall * 1000:.0f} ms"
+    )
+    assert answer.outcome is Outcome.TRANSIENT
+    assert answer.http_status == 200
+    assert answer.detail is not None and "too large" in answer.detail
+    assert str(MAX_ANSWER_BYTES) in answer.detail
+    assert grown < 64 << 20
+    assert stall < 0.5
+    assert fine.outcome is Outcome.COMPLETED
+
+
+def test_a_64_mib_status_answer_is_transient_and_read_no_further_than_the_limit() -> None:
+    before = peak_rss()
+
+    async def main() -> tuple[StatusAnswer, float]:
+        async with real_deepvue(status=endless_answer) as client:
+            return await longest_stall(client.batch_status("req1"))
+
+    answer, stall = asyncio.run(main())
+    grown = peak_rss() - before
+    print(
+        f"FIGURES 64 MiB status answer: peak RSS grew {grown / 2**20:.1f} MiB, loop stall {stall * 1000:.0f} ms"
+    )
+    assert answer.outcome is Outcome.TRANSIENT
+    assert answer.detail is not None and "too large" in answer.detail
+    assert grown < 32 << 20
+    assert stall < 0.5
+
+
+def test_a_gzip_bomb_authorize_answer_is_transient(bomb: bytes) -> None:
+    async def bomb_authorize(request: web.Request) -> web.StreamResponse:
+        return await gzip_bomb_answer(request)
+
+    async def main() -> StatusAnswer:
+        async with real_deepvue(authorize=bomb_authorize) as client:
+            return await client.batch_status("req1")
+
+    answer = asyncio.run(main())
+    assert answer.outcome is Outcome.TRANSIENT
+    assert answer.detail is not None and "authorize answer too large" in answer.detail
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "raw deflate", "identity"])
+def test_compressed_answers_within_the_limit_still_decode(coding: str) -> None:
+    async def compressed(request: web.Request) -> web.StreamResponse:
+        body = json.dumps(completed_body(request.query["request_id"])).encode()
+        headers = {}
+        if coding == "gzip":
+            body, headers = gzip.compress(body), {"Content-Encoding": "gzip"}
+        elif coding == "deflate":
+            body, headers = zlib.compress(body), {"Content-Encoding": "deflate"}
+        elif coding == "raw deflate":
+            squeeze = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+            body = squeeze.compress(body) + squeeze.flush()
+            headers = {"Content-Encoding": "deflate"}
+        return web.Response(body=body, headers=headers, content_type="application/json")
+
+    async def main() -> StatusAnswer:
+        async with real_deepvue(status=compressed) as client:
+            return await client.batch_status("req1")
+
+    answer = asyncio.run(main())
+    assert answer.outcome is Outcome.COMPLETED
+    assert answer.output_url == OUTPUT_URL
+
+
+def test_an_answer_that_does_not_decode_is_transient() -> None:
+    async def broken(request: web.Request) -> web.StreamResponse:
+        return web.Response(body=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+
+    async def main() -> StatusAnswer:
+        async with real_deepvue(status=broken) as client:
+            return await client.batch_status("req1")
+
+    answer = asyncio.run(main())
+    assert answer.outcome is Outcome.TRANSIENT
+    assert answer.detail is not None and "DecodingError" in answer.detail
+
+
+def test_answer_limit_applies_to_answers_the_transport_has_read_already() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(200, content=b" " * 2000)
+
+    async def body(h: Harness) -> None:
+        answer = await h.client.batch_status("req1")
+        assert answer.outcome is Outcome.TRANSIENT
+        assert answer.detail is not None and "too large" in answer.detail
+
+    run(body, fake, client_options={"max_answer_bytes": 1000})

@@ -58,14 +58,18 @@ class _Body(httpx.AsyncByteStream):
         piece: int,
         cut_after: int | None,
         on_piece: Callable[[int], None],
+        end_after: int | None = None,
     ) -> None:
         self._data = data
         self._piece = piece
         self._cut_after = cut_after
         self._on_piece = on_piece
+        self._end_after = end_after  # end cleanly there, as a closed unframed body does
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         end = len(self._data) if self._cut_after is None else self._cut_after
+        if self._end_after is not None:
+            end = min(end, self._end_after)
         for offset in range(0, end, self._piece):
             piece = self._data[offset : min(offset + self._piece, end)]
             self._on_piece(len(piece))
@@ -90,6 +94,9 @@ class FakeFileServer:
     status: int | None = None  # answer every request with this bare status
     redirects: dict[str, str] = field(default_factory=dict)  # "host/path" -> Location
     extra_bytes: bytes = b""  # sent after the body, beyond Content-Length
+    chunked: bool = False  # Transfer-Encoding: chunked instead of Content-Length
+    unframed: bool = False  # a 200 with neither: the body ends where the connection closes
+    end_first_after: int | None = None  # the first body ends cleanly after this many bytes
     clock: FakeClock | None = None
     seconds_per_piece: float = 0.0
     after_first: Callable[[FakeFileServer], None] | None = None
@@ -151,11 +158,15 @@ class FakeFileServer:
         cut = self.cut_every_after
         if first and self.cut_first_after is not None:
             cut = self.cut_first_after
-        headers = {**headers, "Content-Length": str(len(data))}
+        if self.chunked:
+            headers = {**headers, "Transfer-Encoding": "chunked"}
+        elif not (self.unframed and status == 200):
+            headers = {**headers, "Content-Length": str(len(data))}
+        end_after = self.end_first_after if first else None
         return httpx.Response(
             status,
             headers=headers,
-            stream=_Body(data + self.extra_bytes, self.piece, cut, self._sent),
+            stream=_Body(data + self.extra_bytes, self.piece, cut, self._sent, end_after),
         )
 
     def _sent(self, size: int) -> None:
@@ -700,3 +711,163 @@ def test_concurrent_publishes_share_directory_fsyncs_each_after_its_rename(
         assert any(
             renamed < start < end < returned for start, end in zip(started, ended, strict=True)
         ), request_id
+
+
+# -- size limits and free space (issue 10, defect 3) ----------------------------------------
+
+
+def test_content_length_above_the_size_limit_is_refused_before_any_byte(out: Path) -> None:
+    server = FakeFileServer()
+    with pytest.raises(OutputUnwritable, match="TRACKER_MAX_FILE_SIZE") as caught:
+        fetch(server, out, max_file_size=len(BODY) - 1)
+    assert caught.value.retryable is True  # the batch stays ready, no attempt counted
+    assert f"{len(BODY)} bytes" in str(caught.value)
+    assert server.bytes_sent == 0
+    assert list(out.iterdir()) == []
+
+
+def test_a_file_of_exactly_the_size_limit_is_accepted(out: Path) -> None:
+    result = fetch(FakeFileServer(), out, max_file_size=len(BODY))
+    assert result.size == len(BODY)
+
+
+def test_a_body_without_length_growing_past_the_limit_is_stopped(out: Path) -> None:
+    server = FakeFileServer(chunked=True, body=BODY * 100)  # about 1 MB, 1000-byte pieces
+    with pytest.raises(OutputUnwritable, match="grew past the size limit of 4096") as caught:
+        fetch(server, out, max_file_size=4096)
+    assert caught.value.retryable is True
+    assert server.bytes_sent <= 4096 + server.piece
+    assert list(out.iterdir()) == []
+
+
+def test_a_file_larger_than_the_free_space_is_refused_before_any_byte(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_statvfs = os.statvfs
+
+    def statvfs(path: Any) -> Any:
+        real = real_statvfs(path)
+        # 4 KiB blocks, room for 2 of them.
+        return os.statvfs_result((4096, 4096, real.f_blocks, 2, 2, *tuple(real)[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    server = FakeFileServer()
+    with pytest.raises(OutputUnwritable, match="no room for the file") as caught:
+        fetch(server, out)
+    assert "8192 bytes free" in str(caught.value)
+    assert caught.value.retryable is True
+    assert server.bytes_sent == 0
+    assert list(out.iterdir()) == []
+
+
+def test_free_space_counts_what_other_downloads_are_about_to_write(
+    out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_statvfs = os.statvfs
+
+    def statvfs(path: Any) -> Any:
+        real = real_statvfs(path)
+        # Room for one BODY, not two.
+        return os.statvfs_result((1, 1, real.f_blocks, 15000, 15000, *tuple(real)[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    second_started = asyncio.Event()
+
+    class SlowBody(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield BODY[:1000]
+            await second_started.wait()
+            yield BODY[1000:]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"Content-Length": str(len(BODY))}
+        if "first" in request.url.path:
+            return httpx.Response(200, headers=headers, stream=SlowBody())
+        second_started.set()
+        return httpx.Response(200, headers=headers, content=BODY)
+
+    async def run() -> tuple[Any, ...]:
+        transport = httpx.MockTransport(handler)
+        async with make_download_http_client(5.0, transport=transport) as http:
+            downloader = Downloader(http, output_dir=out, allowed_hosts=ALLOWED)
+            first = asyncio.create_task(downloader.fetch(f"https://{HOST}/first.csv", "first"))
+            await asyncio.sleep(0.05)
+            second = downloader.fetch(f"https://{HOST}/second.csv", "second")
+            return tuple(await asyncio.gather(first, second, return_exceptions=True))
+
+    first, second = asyncio.run(run())
+    assert isinstance(first, DownloadedFile)
+    assert isinstance(second, OutputUnwritable)
+    assert "promised to other downloads" in str(second)
+    assert sorted(p.name for p in out.iterdir()) == ["first.csv"]
+
+
+# -- the file host's checksum (issue 10, defect 4) -------------------------------------------
+
+
+def md5_etag(data: bytes) -> str:
+    return f'"{hashlib.md5(data).hexdigest()}"'
+
+
+def test_a_body_matching_its_md5_etag_is_published(out: Path) -> None:
+    result = fetch(FakeFileServer(etag=md5_etag(BODY)), out)
+    assert_published_only(out, "req1.csv", BODY)
+    assert result.sha256 == sha256(BODY)
+
+
+def test_a_body_disagreeing_with_its_md5_etag_is_not_published(out: Path) -> None:
+    server = FakeFileServer(etag=md5_etag(b"the bytes S3 holds"))
+    with pytest.raises(DownloadInterrupted, match="checksum mismatch") as caught:
+        fetch(server, out)
+    assert caught.value.retryable is True  # counted as an attempt: retried, then failed
+    assert hashlib.md5(BODY).hexdigest() in str(caught.value)
+    assert list(out.iterdir()) == []
+
+
+def test_the_md5_covers_the_whole_file_across_range_resumes(out: Path) -> None:
+    server = FakeFileServer(etag=md5_etag(BODY), cut_first_after=3000)
+    fetch(server, out)
+    assert len(server.requests) == 2
+    assert server.requests[1].headers["Range"] == "bytes=3000-"
+    assert_published_only(out, "req1.csv", BODY)
+
+
+def test_a_resumed_file_whose_parts_disagree_with_the_md5_is_not_published(out: Path) -> None:
+    server = FakeFileServer(etag=md5_etag(BODY), cut_first_after=3000)
+
+    def change_the_tail(server: FakeFileServer) -> None:
+        server.body = BODY[:3000] + b"X" * (len(BODY) - 3000)
+
+    server.after_first = change_the_tail
+    with pytest.raises(DownloadInterrupted, match="checksum mismatch"):
+        fetch(server, out)
+    assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("etag", ['"0123456789abcdef0123456789abcdef-2"', 'W/"v1"', '"v1-etag"'])
+def test_etags_that_are_not_an_md5_are_not_checked(out: Path, etag: str) -> None:
+    fetch(FakeFileServer(etag=etag), out)
+    assert_published_only(out, "req1.csv", BODY)
+
+
+def test_an_unframed_body_without_a_checksum_is_not_published(out: Path) -> None:
+    server = FakeFileServer(unframed=True)
+    with pytest.raises(DownloadInterrupted, match="nothing confirms") as caught:
+        fetch(server, out)
+    assert caught.value.retryable is True
+    assert list(out.iterdir()) == []
+
+
+def test_an_unframed_body_confirmed_by_its_md5_is_published(out: Path) -> None:
+    server = FakeFileServer(unframed=True, etag=md5_etag(BODY))
+    fetch(server, out)
+    assert len(server.requests) == 1
+    assert_published_only(out, "req1.csv", BODY)
+
+
+def test_an_unframed_body_that_stops_early_is_resumed_until_its_md5_matches(out: Path) -> None:
+    server = FakeFileServer(unframed=True, etag=md5_etag(BODY), end_first_after=4000)
+    fetch(server, out)
+    assert len(server.requests) == 2
+    assert server.requests[1].headers["Range"] == "bytes=4000-"
+    assert_published_only(out, "req1.csv", BODY)
