@@ -5,6 +5,7 @@ Revises: 0002
 Create Date: 2026-11-30
 """
 
+import sqlite3
 from collections.abc import Sequence
 
 import sqlalchemy as sa
@@ -94,7 +95,28 @@ def downgrade() -> None:
         op.execute("DROP TRIGGER IF EXISTS tracker_batches_wakeup ON tracker_batches")
         op.execute("DROP FUNCTION IF EXISTS tracker_notify_new_batch()")
     op.drop_index("ix_tracker_batches_hook_pending", table_name="tracker_batches")
+    bind = op.get_bind()
+    if bind.dialect.name != "sqlite" or sqlite3.sqlite_version_info >= (3, 35):
+        # A plain DROP COLUMN. On SQLite it rewrites no table: a rebuild would DROP
+        # tracker_batches, whose implicit DELETE cascades to every transition while foreign
+        # keys are on (and they cannot be turned off inside the migration's transaction),
+        # and it would reset the AUTOINCREMENT counter, so deleted ids could come back.
+        op.drop_column("tracker_batches", "hook_pending")
+        return
+    # SQLite before 3.35 has no DROP COLUMN: rebuild the table. migrations/env.py runs every
+    # migration with foreign keys off, so dropping the old table deletes no transitions; the
+    # AUTOINCREMENT counter is put back by hand.
+    counter = bind.execute(
+        sa.text("SELECT seq FROM sqlite_sequence WHERE name = 'tracker_batches'")
+    ).scalar()
     with op.batch_alter_table(
         "tracker_batches", table_kwargs={"sqlite_autoincrement": True}
     ) as batch:
         batch.drop_column("hook_pending")
+    if counter is not None:
+        bind.execute(
+            sa.text(
+                "UPDATE sqlite_sequence SET seq = max(seq, :seq) WHERE name = 'tracker_batches'"
+            ),
+            {"seq": counter},
+        )
