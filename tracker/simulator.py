@@ -46,6 +46,21 @@ prefix         behaviour of ``GET /v1/verification/batch-processing-status``
 ``badurl-redirect-``  the simulator's own signed file URL, which answers 302 to
                       ``http://169.254.169.254/latest/meta-data/`` (recorded in
                       ``downloads`` with status 302 and counted in ``redirects_served``).
+``huge-``      every status call answers HTTP 200 with a valid-looking JSON envelope padded
+               to ``huge_answer_size`` bytes (64 MiB), streamed (counted in
+               ``errors_served``).
+``gzipbomb-``  every status call answers HTTP 200, ``Content-Encoding: gzip``, a few hundred
+               KiB on the wire that inflate to ``gzip_bomb_size`` bytes (256 MiB) of
+               valid-looking JSON (counted in ``errors_served``).
+``endless-``   default, but the output file is sent chunked and never ends (until the
+               client goes away or the server stops).
+``badetag-``   default, but the output file's ETag is an MD5 that its bytes do not have.
+``unframed-``  default, but a full (200) answer for the output file is HTTP/1.0-style: no
+               Content-Length, no chunked encoding, the end of the body is the close. At
+               random (the ``seed``), half of them close early at a random offset; Range
+               answers (206) are framed as usual.
+``unframed-noetag-``  as ``unframed-``, and the file has no ETag at all, so nothing can
+                      confirm that a body is complete.
 =============  ==========================================================================
 
 Order of checks for a status call: ``latency`` sleep, auth (401/403), missing
@@ -55,7 +70,9 @@ rate limits (429, no Retry-After), ``error_rate`` (503), then the prefix table a
 
 Output files (``GET /upi-basic-batch-output-files/<id>.<csv|xlsx>``) are deterministic CSV
 (see :func:`output_bytes`), streamed in 64 KiB chunks with a strong ETag, ``Accept-Ranges``,
-single-range ``Range`` support and ``If-Range``. Test hooks: ``GET /_sim/stats`` and
+single-range ``Range`` support and ``If-Range``. As on S3, the ETag of a file up to
+``MULTIPART_THRESHOLD`` (64 MiB) is the quoted MD5 of its bytes (a single-part upload);
+a bigger file's is that of a multipart upload, ``"<hex>-<parts>"``, which is no MD5. Test hooks: ``GET /_sim/stats`` and
 ``POST /_sim/reset``. In the stats, ``status_calls`` counts every authenticated status call
 that named a request_id (429 and 503 answers included); ``rate_limited`` counts 429s
 (``throttle_first``, limits and the ``ratelimit-`` prefix); ``errors_served`` counts injected
@@ -87,6 +104,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -102,6 +120,7 @@ __all__ = [
     "SimulatorConfig",
     "SimulatorHandle",
     "build_app",
+    "expected_md5",
     "expected_sha256",
     "expected_size",
     "output_bytes",
@@ -130,6 +149,9 @@ class SimulatorConfig:
     # this Retry-After header, sent verbatim: "300", "1e12" or an HTTP-date.
     throttle_first: int = 0
     throttle_retry_after: str = "300"
+    # What ``huge-`` status answers are padded to, and what ``gzipbomb-`` ones inflate to.
+    huge_answer_size: int = 64 * 1024 * 1024
+    gzip_bomb_size: int = 256 * 1024 * 1024
 
 
 # --------------------------------------------------------------------------- output content
@@ -215,10 +237,61 @@ def expected_size(request_id: str, config: SimulatorConfig) -> int:
     return config.big_file_size if request_id.startswith("big-") else config.file_size
 
 
-def _etag(request_id: str, size: int) -> str:
-    # Content is a pure function of (id, size, layout version): no need to hash the body.
-    token = hashlib.sha256(f"{_CONTENT_VERSION}\x00{request_id}\x00{size}".encode()).hexdigest()
-    return f'"{token[:32]}"'
+# S3's console and CLIs switch to multipart uploads for big files; their ETags are no MD5.
+MULTIPART_THRESHOLD: Final = 64 * 1024 * 1024
+_MULTIPART_PART: Final = 8 * 1024 * 1024
+
+
+@lru_cache(maxsize=1024)
+def _etag(request_id: str, size: int) -> str | None:
+    """The file's ETag as S3 gives it: the content MD5, quoted, for a single-part object."""
+    if request_id.startswith("unframed-noetag-"):
+        return None
+    if request_id.startswith("badetag-"):
+        other = hashlib.md5(b"other bytes " + request_id.encode(), usedforsecurity=False)
+        return f'"{other.hexdigest()}"'
+    if size > MULTIPART_THRESHOLD:
+        # Content is a pure function of (id, size, layout version): no need to hash it.
+        token = hashlib.sha256(f"{_CONTENT_VERSION}\x00{request_id}\x00{size}".encode()).hexdigest()
+        return f'"{token[:32]}-{-(-size // _MULTIPART_PART)}"'
+    return f'"{expected_md5(request_id, size)}"'
+
+
+def expected_md5(request_id: str, size: int) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    for chunk in _iter_content(request_id, size):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+class _UnframedResponse(web.StreamResponse):
+    """An answer with neither Content-Length nor chunked encoding: the close ends it."""
+
+    _length_check = False
+
+
+@lru_cache(maxsize=4)
+def _gzip_bomb(size: int) -> bytes:
+    """A gzip stream of a JSON envelope padded with spaces to `size` bytes: ~0.1 % of it."""
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    head, tail = _padded_envelope_ends()
+    parts = [squeeze.compress(head)]
+    block = b" " * CHUNK_SIZE
+    blocks, rest = divmod(max(size - len(head) - len(tail), 0), CHUNK_SIZE)
+    for _ in range(blocks):
+        parts.append(squeeze.compress(block))
+    parts.append(squeeze.compress(block[:rest] + tail) + squeeze.flush())
+    return b"".join(parts)
+
+
+def _padded_envelope_ends() -> tuple[bytes, bytes]:
+    """The start and end of a status envelope whose padding goes in between."""
+    head = (
+        b'{"transaction_id": "0", "timestamp": 0, "code": 200, "message": "Batch Upload '
+        b'status fetched successfully", "sub_code": "SUCCESS", "data": {"status": 201, '
+        b'"message": "batch processing in progress", "batch_output_file_url": null, "pad": "'
+    )
+    return head, b'"}}'
 
 
 # --------------------------------------------------------------------------- helpers
@@ -556,7 +629,38 @@ class _Simulator:
         if cfg.error_rate > 0 and self._rng.random() < cfg.error_rate:
             self.errors_served += 1
             return _detail(503, "Source Unavailable")
+        if request_id.startswith(("huge-", "gzipbomb-")):
+            self._state(request_id).dispatched += 1
+            self.errors_served += 1
+            return await self._oversized_answer(request, request_id)
         return self._status_by_prefix(request, request_id)
+
+    async def _oversized_answer(self, request: web.Request, request_id: str) -> web.StreamResponse:
+        """``huge-``: a padded envelope streamed in full; ``gzipbomb-``: its gzip bomb."""
+        if request_id.startswith("gzipbomb-"):
+            loop = asyncio.get_running_loop()
+            bomb = await loop.run_in_executor(None, _gzip_bomb, self.config.gzip_bomb_size)
+            return web.Response(
+                body=bomb,
+                headers={"Content-Encoding": "gzip", "Content-Type": "application/json"},
+            )
+        head, tail = _padded_envelope_ends()
+        size = max(self.config.huge_answer_size, len(head) + len(tail))
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = size
+        await response.prepare(request)
+        block = b" " * CHUNK_SIZE
+        try:
+            await response.write(head)
+            left = size - len(head) - len(tail)
+            while left > 0 and not self.stopping.is_set():
+                await response.write(block[: min(left, CHUNK_SIZE)])
+                left -= CHUNK_SIZE
+            await response.write(tail)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client stopped reading, as it should
+        return response
 
     def _status_by_prefix(self, request: web.Request, request_id: str) -> web.Response:
         now = time.monotonic()
@@ -681,9 +785,10 @@ class _Simulator:
             return web.Response(status=302, headers={"Location": METADATA_URL})
 
         size = expected_size(request_id, self.config)
-        etag = _etag(request_id, size)
+        loop = asyncio.get_running_loop()
+        # Hashed once per file (cached), in a thread: up to 64 MiB of MD5.
+        etag = await loop.run_in_executor(None, _etag, request_id, size)
         headers = {
-            "ETag": etag,
             "Accept-Ranges": "bytes",
             "Content-Type": (
                 "text/csv"
@@ -691,6 +796,8 @@ class _Simulator:
                 else "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
             ),
         }
+        if etag is not None:
+            headers["ETag"] = etag
         first, last, status = 0, size - 1, 200
         range_header = request.headers.get("Range")
         if_range = request.headers.get("If-Range")
@@ -699,7 +806,11 @@ class _Simulator:
             if parsed == "416":
                 record["status"] = 416
                 return web.Response(
-                    status=416, headers={"Content-Range": f"bytes */{size}", "ETag": etag}
+                    status=416,
+                    headers={
+                        "Content-Range": f"bytes */{size}",
+                        **({"ETag": etag} if etag else {}),
+                    },
                 )
             if isinstance(parsed, tuple):
                 first, last = parsed
@@ -713,10 +824,25 @@ class _Simulator:
             state.downloads += 1
             if request_id.startswith("trunc-") and state.downloads == 1:
                 cut = length // 2
+        unframed = request_id.startswith("unframed-") and status == 200
+        if unframed and request.method == "GET" and length > 1 and self._rng.random() < 0.5:
+            cut = self._rng.randrange(1, length)
 
         record["status"] = status
-        response = web.StreamResponse(status=status, headers=headers)
-        response.content_length = length
+        response: web.StreamResponse
+        if request_id.startswith("endless-") and status == 200:
+            response = web.StreamResponse(status=status, headers=headers)
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            if request.method == "GET":
+                await self._endless(response, request_id)
+            return response
+        if unframed:
+            response = _UnframedResponse(status=status, headers=headers)
+            response.force_close()
+        else:
+            response = web.StreamResponse(status=status, headers=headers)
+            response.content_length = length
         await response.prepare(request)
         if request.method == "HEAD":
             return response
@@ -737,6 +863,16 @@ class _Simulator:
             return response
         await response.write_eof()
         return response
+
+    async def _endless(self, response: web.StreamResponse, request_id: str) -> None:
+        """The content stream of a file that never ends, until the client goes away."""
+        try:
+            for chunk in _iter_content(request_id, 1 << 62):
+                if self.stopping.is_set():
+                    break
+                await response.write(chunk)
+        except ConnectionError:
+            return
 
     async def _trickle(
         self, response: web.StreamResponse, request_id: str, first: int, stop: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import json
 import os
@@ -21,8 +22,10 @@ import httpx
 import pytest
 
 from tracker.simulator import (
+    MULTIPART_THRESHOLD,
     SimulatorConfig,
     SimulatorHandle,
+    expected_md5,
     expected_sha256,
     expected_size,
     output_bytes,
@@ -814,3 +817,111 @@ def test_a_call_in_flight_across_a_reset_does_not_upset_the_count() -> None:
     assert stats["status_calls"] == {"a": 3}
     assert stats["overlapping_by_id"] == {"a": 1}
     assert stats["overlapping_status_calls"] == 1
+
+
+# --------------------------------------------------------------------------- hostile hosts (issue 10)
+
+
+def test_etag_is_the_content_md5_as_s3_gives_it_for_a_single_part_object(
+    client: httpx.Client,
+) -> None:
+    url = completed_url(client, auth_headers(client), "dl-md5")
+    response = client.get(url)
+    assert response.headers["etag"] == f'"{hashlib.md5(response.content).hexdigest()}"'
+    assert response.headers["etag"] == f'"{expected_md5("dl-md5", 200_000)}"'
+
+
+def test_a_file_above_the_multipart_threshold_has_a_multipart_etag() -> None:
+    config = SimulatorConfig(completion_delay=0, big_file_size=MULTIPART_THRESHOLD + 1)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        url = completed_url(client, auth_headers(client), "big-1")
+        etag = client.head(url).headers["etag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}-9"', etag), etag
+
+
+def test_badetag_prefix_serves_an_md5_etag_the_bytes_do_not_have(client: httpx.Client) -> None:
+    response = client.get(completed_url(client, auth_headers(client), "badetag-1"))
+    assert re.fullmatch(r'"[0-9a-f]{32}"', response.headers["etag"])
+    assert response.headers["etag"] != f'"{hashlib.md5(response.content).hexdigest()}"'
+    assert hashlib.sha256(response.content).hexdigest() == expected_sha256("badetag-1", 200_000)
+
+
+def raw_get(url: str) -> tuple[bytes, bytes]:
+    """The head and body of a GET, read off the socket until the server closes it."""
+    import socket
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        target = f"{parts.path}?{parts.query}"
+        sock.sendall(f"GET {target} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_unframed_prefix_sends_no_length_and_no_chunks_and_sometimes_stops_early(
+    client: httpx.Client,
+) -> None:
+    full = b"".join(output_bytes("unframed-1", 200_000))
+    headers = auth_headers(client)
+    url = completed_url(client, headers, "unframed-1")
+    bodies = []
+    for _ in range(12):
+        head, body = raw_get(url)
+        lowered = head.lower()
+        assert b"content-length" not in lowered
+        assert b"transfer-encoding" not in lowered
+        assert b"etag:" in lowered
+        assert full.startswith(body)
+        bodies.append(len(body))
+    assert len(full) in bodies  # some are complete
+    assert min(bodies) < len(full)  # and some stop early
+    # A Range answer is framed as usual.
+    etag = client.head(url).headers["etag"]
+    tail = client.get(url, headers={"Range": "bytes=1000-", "If-Range": etag})
+    assert tail.status_code == 206
+    assert int(tail.headers["content-length"]) == len(full) - 1000
+
+
+def test_unframed_noetag_prefix_has_no_etag(client: httpx.Client) -> None:
+    head, _ = raw_get(completed_url(client, auth_headers(client), "unframed-noetag-1"))
+    assert b"etag:" not in head.lower()
+
+
+def test_endless_prefix_never_ends_the_file(client: httpx.Client) -> None:
+    url = completed_url(client, auth_headers(client), "endless-1")
+    received = 0
+    with client.stream("GET", url) as response:
+        assert response.headers["transfer-encoding"] == "chunked"
+        for chunk in response.iter_raw():
+            received += len(chunk)
+            if received > 5_000_000:
+                break
+    assert received > 5_000_000 > expected_size("endless-1", FAST)
+
+
+def test_huge_prefix_streams_a_padded_envelope_of_huge_answer_size() -> None:
+    config = SimulatorConfig(huge_answer_size=3_000_000)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        response = status(client, auth_headers(client), "huge-1")
+        assert sim.stats()["errors_served"] == 1
+    assert response.status_code == 200
+    assert len(response.content) == 3_000_000
+    assert response.json()["data"]["batch_output_file_url"] is None
+
+
+def test_gzipbomb_prefix_is_small_on_the_wire_and_inflates_to_gzip_bomb_size() -> None:
+    config = SimulatorConfig(gzip_bomb_size=20_000_000)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as client:
+        with client.stream(
+            "GET", STATUS_PATH, params={"request_id": "gzipbomb-1"}, headers=auth_headers(client)
+        ) as response:
+            wire = b"".join(response.iter_raw())
+        assert sim.stats()["errors_served"] == 1
+    assert response.headers["content-encoding"] == "gzip"
+    assert len(wire) < 100_000
+    inflated = gzip.decompress(wire)
+    assert len(inflated) == 20_000_000
+    assert json.loads(inflated)["code"] == 200

@@ -12,7 +12,7 @@ import hashlib
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +23,19 @@ import pytest
 from aiohttp import web
 
 from tracker.download import (
+    ChecksumMismatch,
     DownloadedFile,
     Downloader,
     DownloadInterrupted,
+    FileTooLarge,
+    OutputUnwritable,
     make_download_http_client,
+)
+from tracker.simulator import (
+    SimulatorConfig,
+    SimulatorHandle,
+    expected_sha256,
+    running_simulator,
 )
 
 ALLOWED = ("127.0.0.1",)
@@ -325,3 +334,97 @@ def test_only_get_is_sent() -> None:
 
     with pytest.raises(httpx.UnsupportedProtocol):
         asyncio.run(run())
+
+
+# -- hostile file hosts over the wire (issue 10, defects 3 and 4), the simulator serving ----------
+
+HOSTILE = SimulatorConfig(completion_delay=0, file_size=300_000, big_file_size=3 * MIB)
+
+
+@pytest.fixture(scope="module")
+def sim() -> Iterator[SimulatorHandle]:
+    with running_simulator(HOSTILE) as handle:
+        yield handle
+
+
+def output_url(sim: SimulatorHandle, request_id: str) -> str:
+    with httpx.Client(base_url=sim.base_url, timeout=10) as client:
+        token = client.post(
+            "/v1/authorize", data={"client_id": "demo-client", "client_secret": "demo-secret"}
+        ).json()["access_token"]
+        answer = client.get(
+            "/v1/verification/batch-processing-status",
+            params={"request_id": request_id},
+            headers={"Authorization": f"Bearer {token}", "x-api-key": "demo-secret"},
+        ).json()
+    return str(answer["data"]["batch_output_file_url"])
+
+
+def fetch_hostile(
+    sim: SimulatorHandle, request_id: str, out: Path, **options: Any
+) -> DownloadedFile:
+    url = output_url(sim, request_id)
+
+    async def run() -> DownloadedFile:
+        async with make_download_http_client(5.0) as http:
+            downloader = Downloader(http, output_dir=out, allowed_hosts=ALLOWED, **options)
+            return await downloader.fetch(url, request_id)
+
+    return asyncio.run(run())
+
+
+def test_a_big_file_with_its_md5_etag_is_verified_through_the_writer_thread(
+    sim: SimulatorHandle, out: Path
+) -> None:
+    result = fetch_hostile(sim, "big-md5", out)
+    assert result.size == 3 * MIB
+    assert result.sha256 == expected_sha256("big-md5", 3 * MIB)
+
+
+def test_a_file_disagreeing_with_its_md5_etag_is_not_published(
+    sim: SimulatorHandle, out: Path
+) -> None:
+    with pytest.raises(ChecksumMismatch, match="checksum mismatch") as caught:
+        fetch_hostile(sim, "badetag-1", out)
+    assert isinstance(caught.value, DownloadInterrupted)  # counted: retried, then failed
+    assert list(out.iterdir()) == []
+
+
+def test_unframed_bodies_are_published_only_when_their_md5_matches(
+    sim: SimulatorHandle, out: Path
+) -> None:
+    # The simulator cuts about half of its unframed answers early, at random: every one
+    # ends as the complete file, resumed with Range where it stopped short.
+    for n in range(8):
+        result = fetch_hostile(sim, f"unframed-{n}", out)
+        assert result.sha256 == expected_sha256(f"unframed-{n}", 300_000)
+    cut_short = [
+        request
+        for request in sim.stats()["downloads"]
+        if isinstance(request, dict) and "range" in request["headers"]
+    ]
+    assert cut_short  # some were resumed
+    assert sorted(p.name for p in out.iterdir()) == [f"unframed-{n}.csv" for n in range(8)]
+
+
+def test_an_unframed_body_with_no_checksum_is_never_published(
+    sim: SimulatorHandle, out: Path
+) -> None:
+    with pytest.raises(DownloadInterrupted, match="nothing confirms"):
+        fetch_hostile(sim, "unframed-noetag-1", out)
+    assert list(out.iterdir()) == []
+
+
+def test_a_content_length_above_the_limit_is_refused_before_writing(
+    sim: SimulatorHandle, out: Path
+) -> None:
+    with pytest.raises(FileTooLarge, match="TRACKER_MAX_FILE_SIZE") as caught:
+        fetch_hostile(sim, "big-limit", out, max_file_size=64 * 1024)
+    assert isinstance(caught.value, OutputUnwritable)  # the batch stays ready
+    assert list(out.iterdir()) == []
+
+
+def test_a_file_that_never_ends_is_stopped_at_the_limit(sim: SimulatorHandle, out: Path) -> None:
+    with pytest.raises(FileTooLarge, match="grew past the size limit"):
+        fetch_hostile(sim, "endless-1", out, max_file_size=2 * MIB)
+    assert list(out.iterdir()) == []
