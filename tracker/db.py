@@ -10,7 +10,7 @@ from sqlalchemy import event
 
 # The newest migration. Checked against the scripts by a test; lets a daemon whose schema
 # is current skip importing Alembic at all (about 10 MiB of resident memory).
-SCHEMA_HEAD = "0004"
+SCHEMA_HEAD = "0005"
 
 # Any constant works; it only has to be the same for every instance of the tracker.
 _MIGRATION_LOCK_KEY = 0x7472_6163_6B72  # "trackr"
@@ -47,7 +47,33 @@ def create_engine_for(url: str, **options: Any) -> sa.Engine:
 
         return engine
     options.setdefault("pool_pre_ping", True)
-    return sa.create_engine(url, **options)
+    engine = sa.create_engine(url, **options)
+    event.listen(engine, "connect", _load_any_timestamp)
+    return engine
+
+
+def _load_any_timestamp(dbapi_connection: Any, _record: Any) -> None:
+    """Let psycopg pass 'infinity' and '-infinity' through as text instead of raising.
+
+    Other applications may store them; one such row must not break every read of the
+    table. The column type turns the text into an UnreadableTimestamp.
+    """
+    from psycopg import DataError
+    from psycopg.types.datetime import TimestampLoader, TimestamptzLoader
+
+    def tolerant(loader: type[Any]) -> type[Any]:
+        class Tolerant(loader):  # type: ignore[misc]
+            def load(self, data: Any) -> Any:
+                try:
+                    return super().load(data)
+                except DataError:
+                    return bytes(data).decode("utf-8", "replace")
+
+        return Tolerant
+
+    adapters = dbapi_connection.adapters
+    adapters.register_loader("timestamptz", tolerant(TimestamptzLoader))
+    adapters.register_loader("timestamp", tolerant(TimestampLoader))
 
 
 def describe_db_error(error: BaseException, *, with_type: bool = True) -> str:

@@ -15,11 +15,28 @@ from sqlalchemy.engine import Dialect
 from tracker.domain.states import ACTIVE_STATES, State
 
 
+class UnreadableTimestamp(datetime):
+    """A stored value that is not a timestamp ('yesterday', PostgreSQL's 'infinity').
+
+    Other applications write these tables by hand, and one bad value must not stop every
+    read: it comes back as this stand-in, at the earliest representable moment, keeping
+    the raw value for error messages and views. The claim treats such a row as malformed.
+    """
+
+    raw: str
+
+    def __new__(cls, raw: object) -> UnreadableTimestamp:
+        moment = super().__new__(cls, 1, 1, 1, tzinfo=UTC)
+        moment.raw = raw if isinstance(raw, str) else repr(raw)
+        return moment
+
+
 class UTCDateTime(sa.types.TypeDecorator[datetime]):
     """Timestamps are UTC on both backends and always come back timezone-aware.
 
     SQLite has no timezone type: values are stored as naive UTC text, in the same
     'YYYY-MM-DD HH:MM:SS' shape CURRENT_TIMESTAMP produces, so the two compare as text.
+    A stored value that is not a timestamp comes back as an UnreadableTimestamp.
     """
 
     impl = sa.DateTime(timezone=True)
@@ -33,12 +50,28 @@ class UTCDateTime(sa.types.TypeDecorator[datetime]):
         value = value.astimezone(UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
+    def result_processor(self, dialect: Dialect, coltype: object) -> Any:
+        if dialect.name != "sqlite":
+            return super().result_processor(dialect, coltype)
+
+        # SQLite's own DATETIME processor raises on text it cannot parse; this one reads
+        # the stored text itself, so that one bad value costs only its row.
+        def process(value: Any) -> datetime | None:
+            return self.process_result_value(value, dialect)
+
+        return process
+
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         if value is None:
             return None
-        # Text when another application wrote the row in its own format.
-        moment = datetime.fromisoformat(value) if isinstance(value, str) else value
-        assert isinstance(moment, datetime)
+        # Text when another application wrote the row in its own format (or, from
+        # PostgreSQL, an infinity that the driver passes through as text).
+        try:
+            moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+        except ValueError:
+            return UnreadableTimestamp(value)
+        if not isinstance(moment, datetime):  # a number or a blob in an SQLite column
+            return UnreadableTimestamp(value)
         if moment.tzinfo is None:
             return moment.replace(tzinfo=UTC)
         return moment.astimezone(UTC)

@@ -7,7 +7,7 @@ changed the batch meanwhile, and the write is dropped as a conflict, never force
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -19,7 +19,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from tracker.db import describe_db_error
 from tracker.domain.policy import Decision, Tracked
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, can_transition
-from tracker.schema import batches, instances, transitions
+from tracker.schema import UnreadableTimestamp, batches, instances, transitions
 
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
@@ -130,8 +130,8 @@ class Store:
         # spending a status call.
         self.refused_retry = refused_retry
         self._batch_update = _batch_update()
-        self._claim = _claim()
-        self._count_due = _count_due()
+        self._claim = _claim(self._dialect)
+        self._count_due = _count_due(self._dialect)
         self._lease_update = _lease_update()
         self._hand_back = _hand_back()
         self._heartbeat = _heartbeat()
@@ -227,8 +227,12 @@ class Store:
         ).where(c.state.in_(_ACTIVE))
         with self.engine.begin() as connection:
             next_free, lease_ends, oldest_free = connection.execute(query).one()
-        times: list[datetime] = [t for t in (next_free, lease_ends) if t is not None]
-        if max_age is not None and oldest_free is not None:
+        # A value no clock can reach ('soon', 'infinity') is left to the next interval sweep,
+        # which claims the row and rejects it as malformed.
+        times: list[datetime] = [
+            t for t in (next_free, lease_ends) if t is not None and _readable(t)
+        ]
+        if max_age is not None and oldest_free is not None and _readable(oldest_free):
             times.append(oldest_free + timedelta(seconds=max_age))
         return min(times, default=None)
 
@@ -400,20 +404,7 @@ class Store:
                 "expires_at": now + timedelta(seconds=lease_seconds),
             }
             rows = connection.execute(self._claim, parameters).all()
-        claimed = [
-            Tracked(
-                id=row.id,
-                request_id=row.request_id,
-                state=State(row.state),
-                lease_token=row.lease_token,
-                checks=row.checks,
-                faults=row.faults,
-                rejections=row.rejections,
-                download_attempts=row.download_attempts,
-                created_at=row.created_at,
-            )
-            for row in rows
-        ]
+        claimed = [_tracked(row) for row in rows]
         claimed.sort(key=lambda batch: batch.id)
         return claimed
 
@@ -646,6 +637,26 @@ class Store:
                 )
             yield rows
 
+    def leased_request_ids(self, request_ids: Collection[str]) -> set[str]:
+        """Which of these batches hold a live lease now (on the database's clock).
+
+        A leased batch may be downloading into its temp file: tracker/leftovers.py keeps
+        such files. Ids the table does not hold are simply not leased.
+        """
+        wanted = sorted(set(request_ids))
+        leased: set[str] = set()
+        if not wanted:
+            return leased
+        with self.engine.begin() as connection:
+            now = self._now_in(connection)
+            for start in range(0, len(wanted), 500):
+                query = sa.select(batches.c.request_id).where(
+                    batches.c.request_id.in_(wanted[start : start + 500]),
+                    batches.c.lease_expires_at >= now,
+                )
+                leased.update(connection.execute(query).scalars())
+        return leased
+
     # --- instances and health ------------------------------------------------------
 
     def register_instance(self, owner: str, host: str, pid: int, boot_id: str | None) -> datetime:
@@ -822,24 +833,61 @@ def _batch_update() -> sa.Update:
     )
 
 
-def _due() -> sa.ColumnElement[bool]:
-    """Unfinished, unleased, and either due for a check or past its maximum age."""
+def _unreadable(column: sa.ColumnElement[Any], dialect: str) -> sa.ColumnElement[bool]:
+    """The stored value is not a timestamp the tracker can compare or read.
+
+    Another application may write anything: SQLite keeps any text ('soon', 'now'),
+    PostgreSQL takes 'infinity'. Such a row is claimed at once, to be rejected as malformed
+    (see `_row_problems`), instead of lying in wait or breaking every comparison.
+    """
+    if dialect == "postgresql":
+        return sa.and_(column.is_not(None), sa.not_(sa.func.isfinite(column)))
+    text = sa.type_coerce(column, sa.Text)
+    return sa.and_(
+        column.is_not(None),
+        sa.or_(
+            sa.func.typeof(column) != "text",
+            text.op("NOT GLOB", is_comparison=True)(sa.literal(_TIMESTAMP_GLOB, sa.Text)),
+            sa.func.julianday(text).is_(None),
+        ),
+    )
+
+
+_TIMESTAMP_GLOB = "[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]*"
+# The largest values the columns hold: a counter there cannot grow, a token cannot advance.
+INTEGER_MAX = 2**31 - 1
+BIGINT_MAX = 2**63 - 1
+
+
+def _due(dialect: str) -> sa.ColumnElement[bool]:
+    """Unfinished, unleased, and either due for a check, past its maximum age, or holding a
+    time the tracker cannot read (to be rejected as malformed)."""
     c = batches.c
     now = sa.bindparam("now", type_=c.next_check_at.type)
     expired_before = sa.bindparam("expired_before", type_=c.created_at.type)
     return sa.and_(
         c.state.in_(_ACTIVE),
-        sa.or_(c.next_check_at.is_(None), c.next_check_at <= now, c.created_at < expired_before),
-        sa.or_(c.lease_expires_at.is_(None), c.lease_expires_at < now),
+        sa.or_(
+            c.next_check_at.is_(None),
+            c.next_check_at <= now,
+            c.created_at < expired_before,
+            _unreadable(c.next_check_at, dialect),
+            _unreadable(c.created_at, dialect),
+        ),
+        sa.or_(
+            c.lease_expires_at.is_(None),
+            c.lease_expires_at < now,
+            _unreadable(c.lease_expires_at, dialect),
+        ),
     )
 
 
-def _claim() -> sa.Update:
+def _claim(dialect: str) -> sa.Update:
     """Lease the due, unfinished, unleased batches, oldest due first."""
     c = batches.c
     due = (
         sa.select(c.id)
-        .where(_due())
+        .where(_due(dialect))
         .order_by(c.next_check_at.nulls_first(), c.id)
         .limit(sa.bindparam("limit", type_=sa.Integer))
         .with_for_update(skip_locked=True)
@@ -849,7 +897,11 @@ def _claim() -> sa.Update:
         .where(c.id.in_(due.scalar_subquery()))
         .values(
             lease_owner=sa.bindparam("owner"),
-            lease_token=c.lease_token + 1,
+            # A token at its maximum (written by hand) stays: the row is then rejected as
+            # malformed, where an overflow would fail the whole claim.
+            lease_token=sa.case(
+                (c.lease_token < BIGINT_MAX, c.lease_token + 1), else_=c.lease_token
+            ),
             lease_expires_at=sa.bindparam("expires_at", type_=c.lease_expires_at.type),
         )
         .returning(
@@ -862,12 +914,69 @@ def _claim() -> sa.Update:
             c.rejections,
             c.download_attempts,
             c.created_at,
+            c.next_check_at,
         )
     )
 
 
-def _count_due() -> sa.Select[Any]:
-    due = sa.select(batches.c.id).where(_due()).limit(sa.bindparam("limit", type_=sa.Integer))
+_COUNTERS = ("checks", "faults", "rejections", "download_attempts")
+
+
+def _tracked(row: sa.Row[Any]) -> Tracked:
+    """A claimed row as the policy sees it; values it cannot use are listed as problems and
+    replaced by harmless ones, so that nothing downstream trips over them."""
+    problems = _row_problems(row)
+    counters = {
+        name: getattr(row, name) if _is_count(getattr(row, name)) else 0 for name in _COUNTERS
+    }
+    return Tracked(
+        id=row.id,
+        request_id=row.request_id if isinstance(row.request_id, str) else repr(row.request_id),
+        state=State(row.state),
+        lease_token=row.lease_token,
+        created_at=row.created_at,
+        problems=problems,
+        **counters,
+    )
+
+
+def _row_problems(row: sa.Row[Any]) -> tuple[str, ...]:
+    problems = [
+        f"{name}={_shown(value.raw)} is not a timestamp"
+        # (An unreadable lease_expires_at is no problem: the claim has just replaced it.)
+        for name in ("created_at", "next_check_at")
+        if isinstance(value := getattr(row, name), UnreadableTimestamp)
+    ]
+    problems += [
+        f"{name}={_shown(value)} is not a count the tracker can keep"
+        for name in _COUNTERS
+        if not _is_count(value := getattr(row, name))
+    ]
+    if not (isinstance(row.lease_token, int) and 0 <= row.lease_token < BIGINT_MAX):
+        problems.append(f"lease_token={_shown(row.lease_token)} cannot advance")
+    if not isinstance(row.request_id, str):
+        problems.append(f"request_id={_shown(row.request_id)} is not text")
+    return tuple(problems)
+
+
+def _readable(moment: datetime) -> bool:
+    return not isinstance(moment, UnreadableTimestamp)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < INTEGER_MAX
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    """A raw value for a message: quoted and escaped (repr), and cut short."""
+    shown = repr(value)
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+def _count_due(dialect: str) -> sa.Select[Any]:
+    due = (
+        sa.select(batches.c.id).where(_due(dialect)).limit(sa.bindparam("limit", type_=sa.Integer))
+    )
     return sa.select(sa.func.count()).select_from(due.subquery())
 
 

@@ -3,7 +3,10 @@
 On a terminal the tables have colours and wrap to the window. Piped, they are plain text
 with one line per row (no colours, no box, no trailing blanks), so grep and awk work.
 Every value read from the database is rendered as Text, never as rich markup: request ids,
-labels and error messages are data and may contain brackets.
+labels and error messages are data and may contain brackets. They may also contain control
+characters (an ESC sequence in a label would retitle the terminal or clear the screen), so
+every such value is shown through `printable`, and a value that is not a timestamp where
+one belongs is shown as written.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -36,6 +40,7 @@ from tracker.db import describe_db_error
 from tracker.domain.durations import format_duration
 from tracker.domain.quota import plan_windows
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State
+from tracker.schema import UnreadableTimestamp
 from tracker.settings import Settings
 from tracker.store import BatchRow, Store, TransitionRow
 
@@ -93,26 +98,54 @@ def emit_json(console: Console, document: Any) -> None:
     console.file.flush()
 
 
+# C0 and C1 controls, DEL, and the bidirectional overrides that can reorder what is shown.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as an escape (ESC becomes \\x1b)."""
+    return _CONTROLS.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def _data(value: object) -> Text:
+    """A value from the database, for people: as text, control characters escaped."""
+    return Text(printable("-" if value is None else str(value)))
+
+
 def iso_utc(moment: datetime | None) -> str | None:
-    """ISO-8601 in UTC with a Z, the form most JSON readers expect."""
+    """ISO-8601 in UTC with a Z, the form most JSON readers expect; a stored value that is
+    not a timestamp as it was written."""
     if moment is None:
         return None
+    if isinstance(moment, UnreadableTimestamp):
+        return moment.raw
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _when(moment: datetime | None) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+    if moment is None:
+        return "-"
+    if isinstance(moment, UnreadableTimestamp):
+        return printable(repr(moment.raw)) + " (not a timestamp)"
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
     if moment is None:
         return "never"
+    if isinstance(moment, UnreadableTimestamp):
+        return _when(moment)
     seconds = max(0.0, (now - moment).total_seconds())
     return f"{_when(moment)} ({format_duration(round(seconds))} ago)"
 
 
 def _state(state: str) -> Text:
-    return Text(state, style=STATE_STYLES.get(state, ""))
+    return Text(printable(str(state)), style=STATE_STYLES.get(state, ""))
 
 
 def _table(console: Console, *, title: str | None = None) -> Table:
@@ -134,7 +167,7 @@ def _heading(name: str) -> Text:
 
 
 def _one_line(text: str | None, limit: int = ERROR_PREVIEW) -> str:
-    flat = " ".join((text or "").split())
+    flat = printable(" ".join((text or "").split()))
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
@@ -142,7 +175,10 @@ def _one_line(text: str | None, limit: int = ERROR_PREVIEW) -> str:
 
 
 def _jsonable(value: Any) -> Any:
-    return iso_utc(value) if isinstance(value, datetime) else value
+    if isinstance(value, datetime):
+        return iso_utc(value)
+    # SQLite keeps whatever another application wrote, a blob included.
+    return repr(value) if isinstance(value, bytes) else value
 
 
 def batch_json(row: BatchRow) -> dict[str, Any]:
@@ -176,13 +212,13 @@ def print_batches(
         # Wrappable columns holding no-wrap text: rich narrows these first, so the
         # short columns keep their width and the long text is cut with an ellipsis.
         table.add_row(
-            Text(row.request_id),
-            Text(row.label or "", no_wrap=True, overflow="ellipsis"),
+            _data(row.request_id),
+            Text(printable(row.label or ""), no_wrap=True, overflow="ellipsis"),
             _state(row.state),
-            Text(str(row.checks)),
+            _data(row.checks),
             Text(_when(row.updated_at)),
             Text(
-                row.file_path or _one_line(row.last_error),
+                printable(row.file_path) if row.file_path else _one_line(row.last_error),
                 style="" if row.file_path else "red",
                 no_wrap=True,
                 overflow="ellipsis",
@@ -209,10 +245,12 @@ def print_batch(
         value = getattr(row, field.name)
         if field.name == "state":
             shown: Text = _state(value)
+        elif isinstance(value, UnreadableTimestamp):
+            shown = Text(_when(value))
         elif isinstance(value, datetime):
             shown = Text(_when(value) + " UTC")
         else:
-            shown = Text("-" if value is None else str(value))
+            shown = _data(value)
         details.add_row(Text(field.name), shown)
 
     steps = _table(console, title="transitions")
@@ -226,8 +264,8 @@ def print_batch(
             Text(_when(step.at)),
             _state(step.from_state),
             _state(step.to_state),
-            Text(str(step.api_status) if step.api_status is not None else "-"),
-            Text(step.detail or step.api_message or ""),
+            _data(step.api_status),
+            _data(step.detail or step.api_message or ""),
         )
     emit(console, Group(details, Text(""), steps))
 
@@ -293,7 +331,9 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             "label": oldest.label,
             "state": oldest.state,
             "created_at": iso_utc(oldest.created_at),
-            "age_seconds": round((report.now - oldest.created_at).total_seconds(), 3),
+            "age_seconds": None
+            if isinstance(oldest.created_at, UnreadableTimestamp)
+            else round((report.now - oldest.created_at).total_seconds(), 3),
         },
         "last_sweep": {
             "any_host": iso_utc(report.last_sweep_any_host),
@@ -346,7 +386,7 @@ def status_view(report: StatusReport, console: Console) -> RenderableType:
         Text("none")
         if oldest is None
         else Text.assemble(
-            oldest.request_id,
+            printable(oldest.request_id),
             " (",
             _state(oldest.state),
             f") created {_ago(oldest.created_at, report.now)}",
@@ -365,7 +405,7 @@ def status_view(report: StatusReport, console: Console) -> RenderableType:
     for row in report.recent_errors:
         errors.add_row(
             Text(_when(row.updated_at)),
-            Text(row.request_id),
+            _data(row.request_id),
             _state(row.state),
             Text(_one_line(row.last_error, 200)),
         )
@@ -432,7 +472,7 @@ def take_snapshot(store: Store, label: str | None, recent: int) -> WatchSnapshot
 def watch_view(
     snapshot: WatchSnapshot, *, label: str | None, interval: float, problem: str | None
 ) -> RenderableType:
-    scope = f"label {label!r}" if label is not None else "all batches"
+    scope = f"label {printable(repr(label))}" if label is not None else "all batches"
     header = Text.assemble(
         ("tracker watch", "bold"),
         f"  {scope}  {_when(snapshot.at)} UTC, every {format_duration(interval)}  (Ctrl-C quits)",
@@ -476,7 +516,7 @@ def watch_view(
         age = max(0.0, (snapshot.at - step.at).total_seconds())
         recent.add_row(
             Text(format_duration(round(age))),
-            Text(step.request_id),
+            _data(step.request_id),
             _state(step.from_state),
             _state(step.to_state),
             Text(_one_line(step.detail or step.api_message), no_wrap=True, overflow="ellipsis"),

@@ -455,6 +455,18 @@ def test_before_call_fails_a_ready_batch_with_a_malformed_request_id() -> None:
 
 
 @pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
+def test_before_call_rejects_a_malformed_row_naming_its_values(state: State) -> None:
+    problems = ("created_at='yesterday' is not a timestamp", "checks='abc' is not a count")
+    batch = replace(tracked(state), problems=problems)
+    decision = decide_before_call(batch, POLICY, NOW)
+    assert decision is not None
+    # Quarantined, not polled: rejected, or failed where rejected is no transition (ready).
+    assert decision.to_state is (State.FAILED if state is State.READY else State.REJECTED)
+    assert decision.last_error == decision.detail == "malformed row: " + "; ".join(problems)
+    assert (decision.next_check_at, decision.checked) == (None, False)
+
+
+@pytest.mark.parametrize("state", sorted(ACTIVE_STATES))
 def test_before_call_expires_a_batch_past_the_maximum_age(state: State) -> None:
     policy = PollPolicy(max_age=3600)
     batch = replace(tracked(state), created_at=NOW - timedelta(seconds=3601))

@@ -65,6 +65,9 @@ class Tracked:
     rejections: int
     download_attempts: int
     created_at: datetime
+    # What is wrong with the row itself (a value another application wrote that is not a
+    # timestamp, a counter the columns cannot hold), one phrase each; empty when sound.
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ def decide_before_call(batch: Tracked, policy: PollPolicy, now: datetime) -> Dec
     if batch.state in TERMINAL_STATES:
         return _unchanged(batch, "a status call")
     problem = request_id_problem(batch.request_id)
+    if batch.problems:
+        # Quarantined: nothing about the row can be trusted, so it is not polled; the raw
+        # values are in the message for whoever inserted it.
+        problem = "malformed row: " + "; ".join(batch.problems)
     if problem is not None:
         to_state = State.REJECTED if can_transition(batch.state, State.REJECTED) else State.FAILED
         return Decision(
