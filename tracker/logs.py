@@ -7,37 +7,32 @@ from a library's stdlib logger (alembic, httpx, sqlalchemy, apscheduler).
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
 
-# Presigned query strings are bearer secrets, and a JWT is a token: neither may be logged,
-# whoever wrote the line.
-_URL_QUERY = re.compile(r"(https?://[^\s?#\"'<>]+)\?[^\s\"'<>]*")
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
-_REDACTED = "<redacted>"
+from tracker.domain.redact import MIN_SECRET_LENGTH, redact
 
 
 class SecretScrubber:
-    """Removes known secrets, JWTs and URL query strings from log values."""
+    """Removes known secrets, JWTs, URL query strings and credential values from log values.
+
+    The last line of defence, whichever library wrote the line: the redaction itself is
+    `tracker.domain.redact.redact`, the same that guards stored answers and shown URLs.
+    """
 
     def __init__(self) -> None:
         self._secrets: set[str] = set()
 
     def add(self, secret: str) -> None:
         # Very short strings would blank out ordinary words; a real secret is never that short.
-        if len(secret) >= 6:
+        if len(secret) >= MIN_SECRET_LENGTH:
             self._secrets.add(secret)
 
     def scrub(self, text: str) -> str:
-        for secret in self._secrets:
-            if secret in text:
-                text = text.replace(secret, _REDACTED)
-        text = _JWT.sub(_REDACTED, text)
-        return _URL_QUERY.sub(rf"\1?{_REDACTED}", text)
+        return redact(text, self._secrets)
 
     def __call__(
         self, _logger: Any, _method: str, event_dict: MutableMapping[str, Any]

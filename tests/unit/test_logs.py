@@ -59,3 +59,17 @@ def test_httpx_request_lines_are_quiet_at_info() -> None:
     configure_logging("json", "INFO", stream=stream)
     logging.getLogger("httpx").info("HTTP Request: GET %s", PRESIGNED)
     assert stream.getvalue() == ""
+
+
+def test_json_escaped_presigned_url_is_scrubbed() -> None:
+    # A raw answer body quoted in a log value keeps JSON's escaped slashes: the scrubber must
+    # still see the URL and drop its query string (issue 10, item 6).
+    stream = io.StringIO()
+    configure_logging("json", "INFO", stream=stream)
+    escaped = json.dumps({"batch_output_file_url": PRESIGNED}).replace("/", "\\/")
+    structlog.get_logger("tracker.test").warning("api.unexpected_answer", raw=escaped)
+    logging.getLogger("tracker.lib").warning("body: %s", escaped)
+    text = stream.getvalue()
+    assert "deadbeef" not in text
+    assert "AKIA" not in text
+    assert len(_lines(stream)) == 2

@@ -18,6 +18,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from tracker.domain.redact import redact
+
 __all__ = [
     "Outcome",
     "StatusAnswer",
@@ -59,31 +61,14 @@ _RATE_LIMITED = 429
 # A message or string status "mentions failure": matches fail, failed, failure, FAILED...
 _FAILURE_WORD = re.compile(r"fail", re.IGNORECASE)
 
-# Query strings of URLs may be presigned-URL signatures, i.e. bearer secrets. The scheme part
-# also matches JSON's escaped slashes (`https:\/\/`); the query runs to whitespace or a quote,
-# so a JSON-escaped `\u0026` does not end it early and leak the rest of the signature.
-_URL_QUERY = re.compile(r"""(?i)(https?:(?:\\?/){2}[^\s?#"'<>`]*)\?[^\s#"'<>`]*""")
-# Signature-looking parameters that appear outside a recognisable URL (say, percent-encoded
-# inside another URL): redact their values too.
-_SIGNATURE_PARAM = re.compile(
-    r"(?i)((?:x-amz-[a-z-]+|signature|sig|expires|access_token|token|key-pair-id|policy)"
-    r"(?:=|%3D))[^\s&\"'<>`]+"
-)
-# A JWT (three base64url segments, header starting with `{"`) is a bearer token.
-_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
-
-_REDACTED = "<redacted>"
-
 
 def trim_raw(text: str, limit: int = 500) -> str:
-    """Make untrusted text safe to store or log: redact secrets first, then trim.
+    """Make untrusted text safe to store or log: redact (`tracker.domain.redact`), then trim.
 
     Redaction runs on the whole text before cutting, so a cut can never expose half of a
     signature that the redaction would have caught.
     """
-    redacted = _URL_QUERY.sub(lambda m: f"{m.group(1)}?{_REDACTED}", text)
-    redacted = _SIGNATURE_PARAM.sub(lambda m: f"{m.group(1)}{_REDACTED}", redacted)
-    redacted = _JWT.sub("<jwt redacted>", redacted)
+    redacted = redact(text)
     limit = max(limit, 0)
     if len(redacted) <= limit:
         return redacted

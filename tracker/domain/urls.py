@@ -18,6 +18,8 @@ import re
 from collections.abc import Callable, Sequence
 from urllib.parse import SplitResult, unquote, urlsplit
 
+from tracker.domain.redact import redact
+
 __all__ = [
     "OUTPUT_EXTENSIONS",
     "UrlRefused",
@@ -53,6 +55,8 @@ class UrlRefused(ValueError):
 def redact_url(url: str) -> str:
     """`scheme://host[:port]/path` of `url`: userinfo, query and fragment dropped.
 
+    What is kept also goes through `redact`, for a token or signature hidden in the path
+    (`/a.csv%3FX-Amz-Signature%3D...`, a JWT as a path segment).
     Never raises: it is used on URLs that failed to parse, inside error handling.
     """
     try:
@@ -65,7 +69,7 @@ def redact_url(url: str) -> str:
         # ("data:...", "user:secret@host") may be anything, including a secret.
         return f"{scheme}:<redacted>" if scheme else "<redacted>"
     host_port = parts.netloc.rpartition("@")[2]
-    return f"{scheme}://{_printable(host_port)}{_printable(parts.path)}"
+    return redact(f"{scheme}://{_printable(host_port)}{_printable(parts.path)}")
 
 
 def _printable(text: str) -> str:
