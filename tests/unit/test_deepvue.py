@@ -1202,3 +1202,47 @@ def test_answer_limit_applies_to_answers_the_transport_has_read_already() -> Non
         assert answer.detail is not None and "too large" in answer.detail
 
     run(body, fake, client_options={"max_answer_bytes": 1000})
+
+
+# -- echoes of the secret in other spellings (issue 10, item 6) ----------------------------------
+
+ODD_SECRET = 's3cr/et+v&l"ue=x'
+
+
+def test_secret_echoed_form_encoded_by_authorize_is_scrubbed() -> None:
+    # The form body echoed back holds the secret percent-encoded (client_secret=s3cr%2Fet...).
+    fake = FakeDeepvue()
+    fake.authorize_override = lambda request: httpx.Response(
+        500, text=f"cannot parse {request.content.decode()}"
+    )
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        h.secrets = [ODD_SECRET]
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    detail = answers[0].detail or ""
+    assert answers[0].outcome is Outcome.TRANSIENT
+    assert "s3cr%2Fet" not in detail and "v%26l" not in detail
+    assert "client_secret=<redacted>" in detail
+
+
+def test_secret_echoed_json_escaped_is_scrubbed_from_detail() -> None:
+    fake = FakeDeepvue()
+    fake.status_override = lambda request: httpx.Response(
+        500, json={"detail": f"bad key {request.headers['x-api-key']}"}
+    )
+    answers: list[StatusAnswer] = []
+
+    async def body(h: Harness) -> None:
+        h.secrets = [ODD_SECRET]
+        answers.append(await h.client.batch_status("req1"))
+
+    run(body, fake)
+    answer = answers[0]
+    for text in (answer.detail or "", answer.api_message or ""):
+        assert ODD_SECRET not in text
+        assert json.dumps(ODD_SECRET)[1:-1] not in text
+        assert "s3cr/et" not in text
+    assert "<redacted>" in (answer.detail or "")
