@@ -306,6 +306,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
             except FileNotFoundError:
                 missing += 1
     note = f", {files} files deleted ({missing} already gone)" if args.files else ""
+    if args.files:
+        from tracker.leftovers import remove_stale_temp_files
+
+        # Temp files of downloads that will never finish (older than the deadline, their
+        # batch not leased), whatever the age of the batch: partial KYC data.
+        stale = remove_stale_temp_files(output_dir, store, settings.download_deadline)
+        note += f", {len(stale)} stale temp files removed"
     print(f"pruned {batches} final batches finished before {cutoff:%Y-%m-%d %H:%M:%S} UTC{note}")
     return EXIT_OK
 

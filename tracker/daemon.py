@@ -36,6 +36,8 @@ from tracker.store import Store
 from tracker.sweep import Sweeper
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from tracker.metrics import Metrics
 
 log = structlog.get_logger("tracker.daemon")
@@ -43,6 +45,8 @@ log = structlog.get_logger("tracker.daemon")
 # Batch counts scan the whole table; refreshing them for every sweep would cost more than
 # they are worth. A scrape every 15 s or more is what Prometheus does anyway.
 GAUGE_REFRESH_SECONDS = 15.0
+# How often stale download temp files are looked for (and once at start).
+LEFTOVERS_INTERVAL_SECONDS = 600.0
 
 
 @asynccontextmanager
@@ -130,6 +134,8 @@ class Daemon:
         on_final_env: tuple[str, ...] = (),
         notifier: Notifier | None = None,
         metrics: Metrics | None = None,
+        leftovers_dir: Path | None = None,
+        leftovers_age: float = 3600.0,
     ) -> None:
         self.sweeper = sweeper
         self.clock = clock
@@ -140,6 +146,9 @@ class Daemon:
         self.on_final = on_final
         self.on_final_timeout = on_final_timeout
         self.on_final_env = on_final_env
+        # Stale download temp files (tracker/leftovers.py): where, and how old they must be.
+        self.leftovers_dir = leftovers_dir
+        self.leftovers_age = leftovers_age
         self._again = False
         self._woken: set[asyncio.Task[None]] = set()
         self._timer: asyncio.TimerHandle | None = None
@@ -308,6 +317,22 @@ class Daemon:
         except sa.exc.SQLAlchemyError as error:
             log.error("hook.claim_failed", error=describe_db_error(error))
 
+    async def remove_leftovers(self) -> None:
+        """Remove stale download temp files (older than the deadline, batch not leased)."""
+        if self.leftovers_dir is None:
+            return
+        from tracker.leftovers import remove_stale_temp_files
+
+        try:
+            await asyncio.to_thread(
+                remove_stale_temp_files,
+                self.leftovers_dir,
+                self.sweeper.store,
+                self.leftovers_age,
+            )
+        except (sa.exc.SQLAlchemyError, OSError) as error:
+            log.warning("leftovers.failed", error=describe_db_error(error))
+
     async def watchdog(self) -> None:
         """Ping systemd's watchdog only while the sweep loop really moves.
 
@@ -386,6 +411,16 @@ class Daemon:
             max_instances=1,
             coalesce=True,
         )
+        if self.leftovers_dir is not None:
+            scheduler.add_job(
+                self.remove_leftovers,
+                "interval",
+                seconds=LEFTOVERS_INTERVAL_SECONDS,
+                next_run_time=datetime.now(UTC),
+                id="leftovers",
+                max_instances=1,
+                coalesce=True,
+            )
         if self.notifier is not None and self.notifier.watchdog_interval() is not None:
             scheduler.add_job(
                 self.watchdog,
@@ -489,6 +524,8 @@ async def run_service(
                 on_final_env=settings.on_final_env,
                 notifier=notifier,
                 metrics=metrics,
+                leftovers_dir=settings.output_dir,
+                leftovers_age=settings.download_deadline,
             )
             helpers: list[asyncio.Task[None]] = []
             if until is not None:
