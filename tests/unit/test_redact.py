@@ -128,6 +128,7 @@ def test_credentials_and_tokens(text: str, expected: str) -> None:
         "client_id=client-123 request_id=abc_9",
         "refusing download URL https://evil.example/x.csv: host not allowed",
         "3 of 8 slots free; next check in 30.0 s",
+        "lease_token=9223372036854775807 cannot advance",
     ],
 )
 def test_ordinary_text_is_left_alone(text: str) -> None:

@@ -5,7 +5,7 @@ scrubber, the raw answers kept for audit, the URLs shown in messages, the API cl
 echoes) calls `redact`, so they cannot drift apart.
 
 What goes, in every encoding the tracker or its libraries produce (plain, JSON-escaped with
-or without `\\/`, percent-encoded, form-encoded):
+or without `\\/`, percent-encoded, form-encoded, Python's repr):
 
 - known secrets (the client secret, the access token), with their encoded spellings;
 - JWTs (a bearer token whatever it is called);
@@ -78,10 +78,10 @@ _CREDENTIAL_NAME = (
 # name=value (`=` possibly percent-encoded), or name: value with optional quotes around
 # the name and the value (`"name": "value"`, `'name': 'value'`, `\"name\": \"value\"`).
 _SEPARATOR = rf"(?:{_EQUALS}|{_QUOTE}?{_SPACE}{{0,16}}{_COLON}{_SPACE}{{0,16}}{_QUOTE}?)"
-# Not after a letter ("nosig=" is a word), and only where a name can start: both checks
-# are cheap, and skip most positions of ordinary text at once.
+# Not after a letter or `_` ("nosig=", "lease_token=" are other names), and only where a
+# name can start: both checks are cheap, and skip most positions of ordinary text at once.
 _CREDENTIAL = re.compile(
-    rf"(?i)(?<![a-z])(?=[aceikprstx])((?:{_CREDENTIAL_NAME}){_SEPARATOR}(?:(?:bearer|basic|token){_SPACE}{{1,16}})?)"
+    rf"(?i)(?<![a-z_])(?=[aceikprstx])((?:{_CREDENTIAL_NAME}){_SEPARATOR}(?:(?:bearer|basic|token){_SPACE}{{1,16}})?)"
     rf"(?:\\.|[^{_END}&,;\\])+"
 )
 # "Bearer <token>" wherever it stands, whatever the token looks like.
