@@ -240,6 +240,8 @@ def expected_size(request_id: str, config: SimulatorConfig) -> int:
 # S3's console and CLIs switch to multipart uploads for big files; their ETags are no MD5.
 MULTIPART_THRESHOLD: Final = 64 * 1024 * 1024
 _MULTIPART_PART: Final = 8 * 1024 * 1024
+# Files up to this size are hashed for their ETag on the event loop; bigger ones in a thread.
+_INLINE_MD5_BYTES: Final = 1024 * 1024
 
 
 @lru_cache(maxsize=1024)
@@ -785,9 +787,11 @@ class _Simulator:
             return web.Response(status=302, headers={"Location": METADATA_URL})
 
         size = expected_size(request_id, self.config)
-        loop = asyncio.get_running_loop()
-        # Hashed once per file (cached), in a thread: up to 64 MiB of MD5.
-        etag = await loop.run_in_executor(None, _etag, request_id, size)
+        if size <= _INLINE_MD5_BYTES:
+            etag = _etag(request_id, size)  # microseconds, and cached
+        else:
+            # Hashed once per file (cached), in a thread: up to 64 MiB of MD5.
+            etag = await asyncio.get_running_loop().run_in_executor(None, _etag, request_id, size)
         headers = {
             "Accept-Ranges": "bytes",
             "Content-Type": (
