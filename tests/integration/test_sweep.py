@@ -10,11 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 import sqlalchemy as sa
 
 from tracker.budget import MemoryBudget
-from tracker.db import create_engine_for
 from tracker.deepvue import DeepvueClient, Throttle
 from tracker.domain.policy import PollPolicy
 from tracker.domain.quota import Grant, plan_windows
@@ -73,7 +71,11 @@ class FakeServices:
         if held is not None:
             await held.wait()
         # A stream, as a file host's body is: a `content=` response arrives already read.
-        return httpx.Response(200, stream=httpx.ByteStream(f"id,{request_id}\n".encode()))
+        # Framed by its length, as S3 sends it: an unframed body is never proof of a file.
+        body = f"id,{request_id}\n".encode()
+        return httpx.Response(
+            200, stream=httpx.ByteStream(body), headers={"Content-Length": str(len(body))}
+        )
 
 
 class CountingBudget(MemoryBudget):
@@ -328,34 +330,56 @@ def test_a_ready_batch_refused_again_and_again_fails_and_its_group_still_commits
     assert [(t.from_state, t.to_state) for t in store.history(failed.id)] == [("ready", "failed")]
 
 
-@pytest.mark.postgres
+def _refuse_writes_to(engine: sa.Engine, request_id: str) -> None:
+    """The database refuses any change of this row's state or checks (a trigger), as it
+    would a value out of its column's range."""
+    with engine.begin() as connection:
+        if engine.dialect.name == "sqlite":
+            connection.execute(
+                sa.text(
+                    "CREATE TRIGGER refuse_one AFTER UPDATE OF state, checks ON tracker_batches "
+                    f"WHEN NEW.request_id = '{request_id}' "
+                    "BEGIN SELECT RAISE(ABORT, 'value out of range for this row'); END"
+                )
+            )
+            return
+        connection.execute(
+            sa.text(
+                "CREATE FUNCTION refuse_one() RETURNS trigger AS $$ BEGIN "
+                "RAISE EXCEPTION 'value out of range for this row' USING ERRCODE = '22003'; "
+                "END $$ LANGUAGE plpgsql"
+            )
+        )
+        connection.execute(
+            sa.text(
+                "CREATE TRIGGER refuse_one BEFORE UPDATE OF state, checks ON tracker_batches "
+                f"FOR EACH ROW WHEN (NEW.request_id = '{request_id}') EXECUTE FUNCTION refuse_one()"
+            )
+        )
+
+
 def test_a_write_the_database_refuses_fails_alone_and_its_batch_is_handed_back(
-    pg_url: str, tmp_path: Path
+    engine: sa.Engine, tmp_path: Path
 ) -> None:
-    """checks at the integer maximum: `checks + 1` overflows that one write, not its group."""
-    engine = create_engine_for(pg_url)
-    try:
-        store = Store(engine)
-        store.enqueue_many(["open-full", "open-1", "open-2"])
-        _set_row(engine, "open-full", checks=2**31 - 1)
-        services = FakeServices()
+    store = Store(engine)
+    store.enqueue_many(["open-refused", "open-1", "open-2"])
+    _refuse_writes_to(engine, "open-refused")
+    services = FakeServices()
 
-        async def main() -> None:
-            async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
-                report = await sweeper.sweep()
-            assert (report.checked, report.errors) == (3, 1)
+    async def main() -> None:
+        async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
+            report = await sweeper.sweep()
+        assert (report.checked, report.errors) == (3, 1)
 
-        asyncio.run(main())
-        rows = {row.request_id: row for row in store.list_batches()}
-        assert {name: (row.state, row.checks) for name, row in rows.items()} == {
-            "open-full": ("pending", 2**31 - 1),
-            "open-1": ("processing", 1),
-            "open-2": ("processing", 1),
-        }
-        full = rows["open-full"]
-        assert full.lease_owner is None
-        assert full.last_error is not None and "out of range" in full.last_error
-        # Looked at again only after a long while: the same write would be refused again.
-        assert full.next_check_at is not None and full.next_check_at > full.updated_at
-    finally:
-        engine.dispose()
+    asyncio.run(main())
+    rows = {row.request_id: row for row in store.list_batches()}
+    assert {name: (row.state, row.checks) for name, row in rows.items()} == {
+        "open-refused": ("pending", 0),
+        "open-1": ("processing", 1),
+        "open-2": ("processing", 1),
+    }
+    refused = rows["open-refused"]
+    assert refused.lease_owner is None
+    assert refused.last_error is not None and "out of range" in refused.last_error
+    # Looked at again only after a long while: the same write would be refused again.
+    assert refused.next_check_at is not None and refused.next_check_at > refused.updated_at
