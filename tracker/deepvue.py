@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import random
+import re
 import time
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -83,6 +84,8 @@ _MIN_SLEEP = 0.001
 # Statuses with which /v1/authorize refuses the credentials themselves (documented: 401
 # invalid, 400 inactive client; 403 no access; 422 a malformed form, which retrying won't fix).
 _AUTHORIZE_REFUSED = frozenset({400, 401, 403, 422})
+# What an access token may hold to be sent in a header: visible ASCII.
+_HEADER_SAFE = re.compile(r"[\x21-\x7e]+")
 # The most of an answer (status, authorize, upload) read, on the wire and once decoded. A
 # status answer is a few hundred bytes: a body past this, or a gzip bomb, is refused as a
 # transient fault before it can take the daemon's memory or hold up its event loop.
@@ -619,6 +622,10 @@ class DeepvueClient:
 
         body = _json_object(raw) if status == 200 else None
         access_token = body.get("access_token") if body is not None else None
+        if isinstance(access_token, str) and not _HEADER_SAFE.fullmatch(access_token.strip()):
+            # It goes into an Authorization header: one that cannot (non-ASCII, a line
+            # break) would fail every status call for as long as the token is cached.
+            access_token = None
         if not isinstance(access_token, str) or not access_token.strip():
             # 5xx, an unexpected status, or a 200 without a token: worth retrying later. The
             # raw text is kept only when it holds no token (it holds none if we found none).
@@ -634,7 +641,9 @@ class DeepvueClient:
         access_token = access_token.strip()
         now = self._utcnow()
         expiry = parse_token_expiry(body.get("expiry") if body else None, access_token, now)
-        use_until = max(expiry - self._refresh_margin, now + _MIN_TOKEN_USE)
+        # An expiry at the start of time cannot have a margin taken off; it is past anyway.
+        use_until = max(expiry, now) - self._refresh_margin
+        use_until = max(use_until, now + _MIN_TOKEN_USE)
         _log.info("api.authorized", client_id=self._client_id, expiry=expiry.isoformat())
         return _Token(value=access_token, use_until=use_until, generation=generation)
 

@@ -263,8 +263,10 @@ def _read_toml(path: Path) -> dict[str, str]:
             document = tomllib.load(handle)
     except OSError as error:
         raise SettingsError(f"config file {path}: {error.strerror}") from None
-    except tomllib.TOMLDecodeError as error:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise SettingsError(f"config file {path}: not valid TOML ({error})") from None
+    except ValueError as error:  # a NUL in the path, from a caller's own mapping
+        raise SettingsError(f"config file {path!r}: {error}") from None
     values: dict[str, str] = {}
     for key, value in document.items():
         name = key.lower().removeprefix("tracker_")

@@ -5,9 +5,9 @@ classifier, the authorize answer parser (directly and through the client over an
 httpx.MockTransport), the download URL and host rules, and the settings parser. Nothing may
 escape but the documented exceptions, and every outcome is one of the classified kinds.
 
-Tests marked xfail(strict=True) document defects the fuzzer found in code outside this
-change; each names the failing input. They start passing (and so failing as XPASS) once
-the defect is fixed: then drop the mark.
+The named tests at the end of each section hold inputs the fuzzer once found to escape:
+an expiry at the start of time, a non-ASCII access token, a config file that is not UTF-8,
+a NUL in the config file's name.
 """
 
 from __future__ import annotations
@@ -52,11 +52,6 @@ NOW = datetime(2026, 3, 7, 12, 0, 0, tzinfo=UTC)
 SIGNATURE = "f00dfeedcafe1234deadbeef"
 BASE = "https://deepvue.test"
 SECRET = "fuzz-secret-value"
-
-
-def known_defect(raises: type[BaseException], reason: str) -> pytest.MarkDecorator:
-    """A defect the fuzzer found in code outside this change: strict, so a fix is noticed."""
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
 
 
 # -- strategies ------------------------------------------------------------------------------
@@ -319,15 +314,6 @@ def test_authorize_answers_through_the_client(status: int, body: bytes) -> None:
     _check_authorize_outcome(status, _client_answer(status, body))
 
 
-@known_defect(
-    OverflowError,
-    (
-        "defect in tracker/deepvue.py DeepvueClient._request_token (not this change's code): "
-        'an authorize answer {"access_token": "t", "expiry": "0001-01-01T00:00:00"} makes '
-        "`expiry - self._refresh_margin` raise OverflowError ('date value out of range'), "
-        "which escapes batch_status instead of an answer"
-    ),
-)
 @pytest.mark.parametrize(
     "expiry", ["0001-01-01T00:00:00", "0001-01-01T00:04:59Z", "0001-01-01T00:00:00+05:00"]
 )
@@ -336,15 +322,6 @@ def test_an_expiry_at_the_start_of_time_is_survived(expiry: str) -> None:
     _check_authorize_outcome(200, _client_answer(200, body))
 
 
-@known_defect(
-    OverflowError,
-    (
-        "defect in tracker/deepvue.py DeepvueClient._request_token (not this change's code): "
-        'a JWT access token whose payload is {"exp": -62135596800} (0001-01-01 UTC) and no '
-        "`expiry` gives parse_token_expiry year 1; subtracting the refresh margin raises "
-        "OverflowError out of batch_status"
-    ),
-)
 def test_jwt_exp_at_the_start_of_time_is_survived() -> None:
     payload = _segment(json.dumps({"exp": -62135596800}).encode())
     token = f"eyJhbGciOiJIUzI1NiJ9.{payload}.c2ln"
@@ -352,16 +329,6 @@ def test_jwt_exp_at_the_start_of_time_is_survived() -> None:
     _check_authorize_outcome(200, _client_answer(200, body))
 
 
-@known_defect(
-    UnicodeEncodeError,
-    (
-        "defect in tracker/deepvue.py (_request_token accepts it, _status_call sends it; not "
-        "this change's code): an authorize answer 200 "
-        '{"access_token":"\\u0080"} is cached, and every status call then raises '
-        "UnicodeEncodeError from httpx building the `Authorization: Bearer \\x80` header, out "
-        "of batch_status, for as long as the token is cached (23 hours without an expiry)"
-    ),
-)
 def test_a_non_ascii_access_token_is_survived() -> None:
     _check_authorize_outcome(200, _client_answer(200, b'{"access_token":"\\u0080"}'))
 
@@ -563,15 +530,6 @@ def test_a_config_file_gives_settings_or_a_named_error(document: str) -> None:
             assert isinstance(loaded, Settings)
 
 
-@known_defect(
-    UnicodeDecodeError,
-    (
-        "defect in tracker/settings.py _read_toml (not this change's code): a TRACKER_CONFIG "
-        "file that is not UTF-8 (bytes b'plan = \"\\xff\"\\n') raises UnicodeDecodeError out of "
-        "load_settings instead of SettingsError; _read_toml catches only OSError and "
-        "TOMLDecodeError"
-    ),
-)
 def test_a_config_file_that_is_not_utf8_is_a_settings_error(tmp_path: Path) -> None:
     path = tmp_path / "tracker.toml"
     path.write_bytes(b'plan = "\xff"\n')
@@ -579,15 +537,6 @@ def test_a_config_file_that_is_not_utf8_is_a_settings_error(tmp_path: Path) -> N
         load_settings({"TRACKER_CONFIG": str(path)})
 
 
-@known_defect(
-    ValueError,
-    (
-        "defect in tracker/settings.py _read_toml (not this change's code): "
-        "load_settings({'TRACKER_CONFIG': 'a\\x00b'}) raises ValueError('embedded null byte') "
-        "from open(). Unreachable from a real environment (exec cannot pass NUL), reachable "
-        "from a caller's mapping"
-    ),
-)
 def test_config_name_with_nul_is_a_settings_error() -> None:
     with pytest.raises(SettingsError):
         load_settings({"TRACKER_CONFIG": "a\x00b"})
