@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
-# The settings that shape how the daemon recovers and waits; the README lists every one.
+# The settings that shape how the daemon recovers, waits and bounds what it takes in; the
+# README lists every one.
 RUN_SETTINGS = """\
 recovery and pauses (environment, or the TOML file without the prefix):
   TRACKER_LEASE_DURATION=300     how long a claim lasts before another instance may take it
@@ -31,6 +32,11 @@ recovery and pauses (environment, or the TOML file without the prefix):
                                  its dead predecessor's batches at once); at least 3 s
   TRACKER_MAX_RETRY_AFTER=3600   the longest pause a 429's Retry-After may impose
   TRACKER_SHUTDOWN_GRACE=20      on SIGTERM, how long in-flight work may finish
+limits:
+  TRACKER_MAX_FILE_SIZE=10G      the largest output file accepted (and never more than the
+                                 output directory's free space)
+  TRACKER_FILE_MODE=640          output files: 600, 640, 400 or 440
+  TRACKER_ON_FINAL_ENV=          names of further variables the on-final hook may see
 every setting: README.md, section Configuration
 """
 
@@ -504,7 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--files",
         action="store_true",
-        help="also delete their output files (only inside the output dir)",
+        help="also delete their output files, and stale download temp files (.part) whose "
+        "batch holds no lease (only inside the output dir)",
     )
     prune.add_argument(
         "--chunk", type=int, default=500, help="batches per transaction (default 500)"

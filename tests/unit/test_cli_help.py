@@ -1,4 +1,4 @@
-"""`tracker run --help` names the recovery settings with their true defaults."""
+"""`tracker run --help` names the recovery settings and the limits with their true defaults."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 import pytest
 
 from tracker.cli import main
-from tracker.settings import Settings
+from tracker.settings import Settings, load_settings
 
 
 def test_run_help_lists_the_recovery_settings_with_their_defaults(
@@ -16,8 +16,11 @@ def test_run_help_lists_the_recovery_settings_with_their_defaults(
     with pytest.raises(SystemExit) as exited:
         main(["run", "--help"])
     assert exited.value.code == 0
-    shown = dict(re.findall(r"^\s+TRACKER_([A-Z_]+)=(\S+)", capsys.readouterr().out, re.M))
-    assert {"LEASE_DURATION", "HEARTBEAT_TIMEOUT", "MAX_RETRY_AFTER"} <= set(shown)
+    shown = dict(re.findall(r"^\s+TRACKER_([A-Z_]+)=(\S*)", capsys.readouterr().out, re.M))
+    new = {"HEARTBEAT_TIMEOUT", "MAX_RETRY_AFTER", "MAX_FILE_SIZE", "ON_FINAL_ENV"}
+    assert new | {"LEASE_DURATION", "FILE_MODE"} <= set(shown)
     defaults = Settings()
     for name, value in shown.items():
-        assert float(value) == getattr(defaults, name.lower()), name
+        # The value shown, read as the setting would read it, is the setting's default.
+        parsed = load_settings({f"TRACKER_{name}": value}) if value else defaults
+        assert getattr(parsed, name.lower()) == getattr(defaults, name.lower()), name
