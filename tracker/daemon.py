@@ -11,10 +11,10 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
@@ -393,53 +393,33 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.request_stop)
         scheduler = AsyncIOScheduler(event_loop=loop, timezone=UTC)
-        scheduler.add_job(
-            self.tick,
-            "interval",
-            seconds=self.sweep_interval,
-            next_run_time=datetime.now(UTC),
-            id="sweep",
-            max_instances=1,
-            coalesce=True,
-            misfire_grace_time=None,
-        )
-        scheduler.add_job(
-            self.heartbeat,
-            "interval",
-            seconds=self.heartbeat_interval(),
-            id="heartbeat",
-            max_instances=1,
-            coalesce=True,
-        )
+
+        def every(
+            job: Callable[[], Awaitable[None]], seconds: float, *, at_once: bool, **options: Any
+        ) -> None:
+            # One run of a job at a time; runs missed while it was busy collapse into one.
+            if at_once:
+                options["next_run_time"] = datetime.now(UTC)
+            scheduler.add_job(
+                job,
+                "interval",
+                seconds=seconds,
+                id=job.__name__,
+                max_instances=1,
+                coalesce=True,
+                **options,
+            )
+
+        # A sweep that starts late still runs: it is the safety net for every batch.
+        every(self.tick, self.sweep_interval, at_once=True, misfire_grace_time=None)
+        every(self.heartbeat, self.heartbeat_interval(), at_once=False)
         if self.leftovers_dir is not None:
-            scheduler.add_job(
-                self.remove_leftovers,
-                "interval",
-                seconds=LEFTOVERS_INTERVAL_SECONDS,
-                next_run_time=datetime.now(UTC),
-                id="leftovers",
-                max_instances=1,
-                coalesce=True,
-            )
-        if self.notifier is not None and self.notifier.watchdog_interval() is not None:
-            scheduler.add_job(
-                self.watchdog,
-                "interval",
-                seconds=self.notifier.watchdog_interval(),
-                id="watchdog",
-                max_instances=1,
-                coalesce=True,
-            )
+            every(self.remove_leftovers, LEFTOVERS_INTERVAL_SECONDS, at_once=True)
+        watchdog_interval = None if self.notifier is None else self.notifier.watchdog_interval()
+        if watchdog_interval is not None:
+            every(self.watchdog, watchdog_interval, at_once=False)
         if self.metrics is not None:
-            scheduler.add_job(
-                self.refresh_gauges,
-                "interval",
-                seconds=GAUGE_REFRESH_SECONDS,
-                next_run_time=datetime.now(UTC),
-                id="gauges",
-                max_instances=1,
-                coalesce=True,
-            )
+            every(self.refresh_gauges, GAUGE_REFRESH_SECONDS, at_once=True)
         scheduler.start()
         if self.notifier is not None:
             # Migrations are applied and the database answered before we got here.
