@@ -138,7 +138,12 @@ def query_plan(engine: sa.Engine, store: Any) -> list[str]:
     with captured_claim_sql(engine) as captured:
         # Real time, with due rows left: the plan the planner picks at work (it claims them).
         store.claim_due("plan", CLAIM_SIZE, 300.0, utcnow())
-    statement, parameters = captured[0]
+    # The claim's transaction also refreshes the owner's heartbeat: pick the claim itself.
+    statement, parameters = next(
+        (sql, params)
+        for sql, params in captured
+        if sql.lstrip().startswith("UPDATE tracker_batches")
+    )
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()
