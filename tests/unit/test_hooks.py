@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.rows import batch_row
 from tracker.hooks import hook_environment, run_final_hook
 from tracker.store import BatchRow
 
@@ -36,32 +37,7 @@ DAEMON_ENV = {
 
 
 def batch(**overrides: object) -> BatchRow:
-    values: dict[str, object] = dict(
-        id=1,
-        request_id="abc123",
-        label="run-1",
-        state="downloaded",
-        created_at=NOW,
-        updated_at=NOW,
-        next_check_at=None,
-        checks=3,
-        api_status=200,
-        api_message=None,
-        file_path="/srv/out/abc123.csv",
-        file_size=10,
-        file_sha256="ab" * 32,
-        last_error=None,
-        finished_at=NOW,
-        faults=0,
-        rejections=0,
-        download_attempts=1,
-        lease_owner=None,
-        lease_token=1,
-        lease_expires_at=None,
-        hook_pending=False,
-    )
-    values.update(overrides)
-    return BatchRow(**values)  # type: ignore[arg-type]
+    return batch_row(**overrides)
 
 
 def test_the_hook_sees_only_the_allow_list_and_its_batch() -> None:

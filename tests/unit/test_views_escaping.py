@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 from rich.console import Console
 
+from tests.rows import batch_row
 from tracker.domain.states import State
 from tracker.schema import UnreadableTimestamp
 from tracker.store import BatchRow, TransitionRow
@@ -28,32 +29,22 @@ HOSTILE = f"{TITLE}{CLEAR}label\u202eevil"
 
 
 def batch(**changes: object) -> BatchRow:
+    """A rejected batch whose label and last error hold terminal control sequences."""
     values: dict[str, object] = dict(
-        id=1,
-        request_id="rid-1",
         label=HOSTILE,
         state="rejected",
-        created_at=NOW,
-        updated_at=NOW,
-        next_check_at=None,
-        checks=0,
-        api_status=None,
-        api_message=None,
         file_path=None,
         file_size=None,
         file_sha256=None,
         last_error=f"Deepvue said {HOSTILE}",
-        finished_at=NOW,
-        faults=0,
-        rejections=0,
+        api_status=None,
+        checks=0,
         download_attempts=0,
-        lease_owner=None,
         lease_token=0,
-        lease_expires_at=None,
-        hook_pending=False,
+        request_id="rid-1",
     )
     values.update(changes)
-    return BatchRow(**values)  # type: ignore[arg-type]
+    return batch_row(**values)
 
 
 def step() -> TransitionRow:
