@@ -790,13 +790,9 @@ def _batch_update() -> sa.Update:
     return (
         batches.update()
         .where(
-            c.id == sa.bindparam("w_id"),
+            _still_held(),
             c.request_id == sa.bindparam("w_request_id"),
-            c.lease_token == sa.bindparam("w_lease_token"),
             c.state == sa.bindparam("w_state"),
-            # A write that already committed released the lease: retrying it after a
-            # lost connection must not count the same check twice.
-            c.lease_owner.is_not(None),
         )
         .values(
             state=sa.bindparam("n_state"),
@@ -990,16 +986,26 @@ def _expired_before(now: datetime, max_age: float | None) -> datetime:
         return datetime.min.replace(tzinfo=UTC)
 
 
+def _still_held() -> sa.ColumnElement[bool]:
+    """The worker's claim still holds: the row, the token it claimed with, and a lease.
+
+    A released lease (lease_owner NULL) fails it too: a write that already committed
+    released it, so retrying after a lost connection cannot count a check twice, and a
+    lease freed because its owner was presumed dead is not revived by that owner.
+    """
+    c = batches.c
+    return sa.and_(
+        c.id == sa.bindparam("w_id"),
+        c.lease_token == sa.bindparam("w_lease_token"),
+        c.lease_owner.is_not(None),
+    )
+
+
 def _lease_update() -> sa.Update:
     c = batches.c
     return (
         batches.update()
-        .where(
-            c.id == sa.bindparam("w_id"),
-            c.lease_token == sa.bindparam("w_lease_token"),
-            # A lease freed because its owner was presumed dead is not revived by it.
-            c.lease_owner.is_not(None),
-        )
+        .where(_still_held())
         .values(lease_expires_at=sa.bindparam("n_expires_at", type_=c.lease_expires_at.type))
     )
 
@@ -1009,11 +1015,7 @@ def _hand_back() -> sa.Update:
     c = batches.c
     return (
         batches.update()
-        .where(
-            c.id == sa.bindparam("w_id"),
-            c.lease_token == sa.bindparam("w_lease_token"),
-            c.lease_owner.is_not(None),
-        )
+        .where(_still_held())
         .values(
             lease_owner=None,
             lease_expires_at=None,
