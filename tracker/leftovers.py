@@ -20,7 +20,8 @@ import os
 import re
 import stat
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -68,26 +69,18 @@ def find_stale_temp_files(
     directory: Path, older_than: float, *, now: float | None = None
 ) -> list[StaleTempFile]:
     """Regular temp files directly in `directory` last modified `older_than` seconds ago."""
-    try:
-        fd = _open_directory(directory)
-    except FileNotFoundError:
-        return []
-    try:
-        return _stale_in(fd, older_than, time.time() if now is None else now)
-    finally:
-        os.close(fd)
+    with _opened(directory) as fd:
+        return [] if fd is None else _stale_in(fd, older_than, now)
 
 
 def remove_stale_temp_files(
     directory: Path, store: LeaseReader, older_than: float, *, now: float | None = None
 ) -> list[StaleTempFile]:
     """Remove the stale temp files whose batch is not leased now; those removed."""
-    try:
-        fd = _open_directory(directory)
-    except FileNotFoundError:
-        return []
-    try:
-        stale = _stale_in(fd, older_than, time.time() if now is None else now)
+    with _opened(directory) as fd:
+        if fd is None:
+            return []
+        stale = _stale_in(fd, older_than, now)
         if not stale:
             return []
         leased = store.leased_request_ids({file.request_id for file in stale})
@@ -119,15 +112,24 @@ def remove_stale_temp_files(
                 size=file.size,
             )
         return removed
+
+
+@contextmanager
+def _opened(directory: Path) -> Iterator[int | None]:
+    """A descriptor of `directory` (None if it does not exist), closed again after."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        yield None
+        return
+    try:
+        yield fd
     finally:
         os.close(fd)
 
 
-def _open_directory(directory: Path) -> int:
-    return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-def _stale_in(fd: int, older_than: float, now: float) -> list[StaleTempFile]:
+def _stale_in(fd: int, older_than: float, now: float | None) -> list[StaleTempFile]:
+    now = time.time() if now is None else now
     stale: list[StaleTempFile] = []
     with os.scandir(fd) as entries:
         for entry in entries:
