@@ -7,7 +7,7 @@ changed the batch meanwhile, and the write is dropped as a conflict, never force
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -710,35 +710,26 @@ class Store:
         Instances that never heartbeat (an older version) are left to their lease expiry.
         Rows being heartbeated right now are skipped: that instance is alive.
         """
-        c = instances.c
-        with self.engine.begin() as connection:
-            now = self._now_in(connection)
-            silent = (
-                connection.execute(
-                    sa.select(c.owner)
-                    .where(
-                        c.stopped_at.is_(None),
-                        c.heartbeat_at < now - timedelta(seconds=timeout),
-                    )
-                    .order_by(c.owner)
-                    .with_for_update(skip_locked=True)
-                )
-                .scalars()
-                .all()
-            )
-            return self._free(connection, silent, now)
+        return self._free_where(
+            lambda now: instances.c.heartbeat_at < now - timedelta(seconds=timeout)
+        )
 
     def free_instances(self, owners: Sequence[str]) -> dict[str, int]:
         """Mark these instances stopped (they are known to be dead) and free their leases."""
         if not owners:
             return {}
+        return self._free_where(lambda _now: instances.c.owner.in_(owners))
+
+    def _free_where(self, which: Callable[[datetime], sa.ColumnElement[bool]]) -> dict[str, int]:
+        """Lock the running instances `which` selects (given the database's now), skipping
+        any row being heartbeated at this very moment, and free them."""
         c = instances.c
         with self.engine.begin() as connection:
             now = self._now_in(connection)
             locked = (
                 connection.execute(
                     sa.select(c.owner)
-                    .where(c.owner.in_(owners), c.stopped_at.is_(None))
+                    .where(c.stopped_at.is_(None), which(now))
                     .order_by(c.owner)
                     .with_for_update(skip_locked=True)
                 )
