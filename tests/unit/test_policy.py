@@ -12,19 +12,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.model import DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    DownloadProblem,
-    PollPolicy,
-    Tracked,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
     decide_on_download_problem,
     fault_delay,
     is_too_old,
-    poll_delay,
 )
 from tracker.domain.request_ids import request_id_problem
+from tracker.domain.schedule import poll_delay
 from tracker.domain.states import (
     ACTIVE_STATES,
     TERMINAL_STATES,

@@ -14,23 +14,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.model import Decision, DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    Decision,
-    DownloadProblem,
-    PollPolicy,
-    Tracked,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
     decide_on_download_problem,
     fault_delay,
-    poll_delay,
 )
 from tracker.domain.request_ids import REQUEST_ID_PATTERN, request_id_problem
 from tracker.domain.schedule import (
     FORCED_CEILING,
     BudgetView,
     LoadHistory,
+    poll_delay,
     processing_delay,
 )
 from tracker.domain.states import TERMINAL_STATES, State, can_transition

@@ -83,18 +83,16 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TYPE_CHECKING
 
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import QuotaLedger, Window
-
-if TYPE_CHECKING:
-    from tracker.domain.policy import PollPolicy
 
 __all__ = [
     "BudgetView",
     "LoadHistory",
     "age_shaped_delay",
     "budget_interval",
+    "poll_delay",
     "processing_delay",
     "releases_per_slot",
 ]
@@ -385,6 +383,29 @@ def _typical_duration(load: LoadHistory | None) -> float | None:
     return median if median >= 1.0 else None
 
 
+def _grown(start: float, factor: float, times: int, ceiling: float) -> float:
+    """min(ceiling, start * factor ** times), without overflowing for any `times`."""
+    if times <= 0 or factor <= 1 or not start < ceiling:
+        return min(start, ceiling)
+    # Past the steps that reach the ceiling, more growth would only overflow on the way.
+    if start > 0 and times < math.log(ceiling / start) / math.log(factor):
+        try:
+            return min(ceiling, start * factor**times)
+        except OverflowError:  # only with an infinite ceiling
+            return ceiling
+    return ceiling
+
+
+def poll_delay(policy: PollPolicy, checks: int, rng: random.Random) -> float:
+    """Geometric backoff from min to max with 'equal jitter'.
+
+    Keeping half of the delay fixed means a batch is never looked at much sooner than
+    planned; the random half spreads batches enqueued together across the window.
+    """
+    ceiling = _grown(policy.min_interval, policy.growth, checks, policy.max_interval)
+    return max(policy.min_interval, ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
 def processing_delay(
     policy: PollPolicy,
     *,
@@ -395,9 +416,6 @@ def processing_delay(
 ) -> float:
     """Seconds until the next check of a batch that is still processing at `age` seconds."""
     if budget is None:
-        # Imported here so that tracker.domain.policy can import this module.
-        from tracker.domain.policy import poll_delay
-
         return poll_delay(policy, checks, rng)
     return age_shaped_delay(
         policy, age=age, interval=budget_interval(budget), load=budget.load, rng=rng
