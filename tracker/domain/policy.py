@@ -1,16 +1,8 @@
-"""When to look at a batch next, and what an answer or a failed download means for it.
+"""What an answer, a failed download or the clock means for a batch: a Decision to write.
 
-Everything here is pure: a batch's counters, an answer and a clock go in; a Decision comes
-out. The sweep turns Decisions into guarded writes.
-
-Three promises hold for every input, however large its counters or odd its answer:
-
-- no function here raises: every delay is computed in clamped arithmetic;
-- a Decision's `to_state` is the batch's state or one the state machine allows from it
-  (a batch in a terminal state never moves);
-- a `next_check_at` is None or lies in [now, max(now, created_at + max_age)]: no check is
-  planned past the batch's deadline, and a batch past it is due at once (and expired by
-  `decide_before_call`).
+Pure, and total: no function raises, a Decision moves a batch only along the state machine,
+and no check is planned past created_at + max_age (docs/polling.md, "What the policy
+promises"). The sweep only carries out its Decisions and download plans.
 """
 
 from __future__ import annotations
