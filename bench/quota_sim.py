@@ -51,7 +51,7 @@ if __package__ in (None, ""):
 
 from common import Figure, ratio_of, run_alone, say
 
-from tracker.domain.policy import PollPolicy
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
 from tracker.domain.schedule import (
     BudgetView,

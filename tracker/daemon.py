@@ -23,7 +23,7 @@ from tracker.budget import DatabaseBudget
 from tracker.clock import DatabaseClock
 from tracker.db import create_engine_for, describe_db_error, upgrade_database
 from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client, make_api_transport
-from tracker.domain.policy import PollPolicy
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import plan_windows
 from tracker.download import Downloader, make_download_http_client
 from tracker.health import health_problem

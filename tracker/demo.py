@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from tracker.daemon import run_service
 from tracker.db import create_engine_for, upgrade_database
-from tracker.domain.policy import PollPolicy
+from tracker.domain.model import PollPolicy
 from tracker.domain.states import ACTIVE_STATES
 from tracker.logs import configure_logging
 from tracker.settings import Settings

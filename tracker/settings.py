@@ -16,7 +16,7 @@ from typing import Any
 
 from tracker.domain.addresses import parse_listen_address
 from tracker.domain.durations import parse_duration
-from tracker.domain.policy import PollPolicy
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import PLANS
 
 ENV_PREFIX = "TRACKER_"

@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
 from tracker.db import describe_db_error
-from tracker.domain.policy import Decision, Tracked
+from tracker.domain.model import Decision, Tracked
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, can_transition
 from tracker.schema import UnreadableTimestamp, batches, instances, transitions
 

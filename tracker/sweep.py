@@ -23,10 +23,8 @@ import structlog
 
 from tracker.db import describe_db_error
 from tracker.deepvue import AuthFailed, CallsPaused, DeepvueClient
+from tracker.domain.model import DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    DownloadProblem,
-    PollPolicy,
-    Tracked,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 
-from tracker.domain.policy import Decision
+from tracker.domain.model import Decision
 from tracker.domain.states import State
 from tracker.store import BatchWrite, OperatorResult, Store
 

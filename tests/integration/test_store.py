@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import sqlalchemy as sa
 
-from tracker.domain.policy import Decision, Tracked
+from tracker.domain.model import Decision, Tracked
 from tracker.domain.states import State
 from tracker.store import (
     BatchWrite,

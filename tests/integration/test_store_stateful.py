@@ -33,7 +33,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from tracker.domain.policy import Decision, Tracked
+from tracker.domain.model import Decision, Tracked
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, can_transition
 from tracker.store import BatchWrite, OperatorResult, Store
 

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 
 from tracker.budget import MemoryBudget
 from tracker.deepvue import DeepvueClient, Throttle
-from tracker.domain.policy import PollPolicy
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import Grant, plan_windows
 from tracker.download import Downloader
 from tracker.store import Store

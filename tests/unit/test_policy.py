@@ -12,19 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.model import Decision, DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    DownloadProblem,
-    PollPolicy,
-    Tracked,
+    as_written,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
     decide_on_download_problem,
     fault_delay,
     is_too_old,
-    poll_delay,
+    plan_download,
 )
 from tracker.domain.request_ids import request_id_problem
+from tracker.domain.schedule import poll_delay
 from tracker.domain.states import (
     ACTIVE_STATES,
     TERMINAL_STATES,
@@ -506,3 +506,71 @@ def test_download_done() -> None:
 def test_download_done_never_makes_a_forbidden_move(state: State) -> None:
     decision = decide_on_download_done(tracked(state), 1, "00")
     assert decision.to_state is state
+
+
+# --------------------------------------------------------------------------- the download plan
+
+URL = "https://x.s3.amazonaws.com/a.csv"
+
+
+def completed(batch: Tracked) -> Decision:
+    return decide_on_answer(
+        batch, answer(Outcome.COMPLETED, output_url=URL), POLICY, NOW, random.Random(0)
+    )
+
+
+@pytest.mark.parametrize("state", [State.PENDING, State.PROCESSING])
+def test_a_complete_batch_is_planned_ready_first_then_fetched(state: State) -> None:
+    batch = tracked(state, checks=4, faults=2, rejections=1, download_attempts=1)
+    decision = completed(batch)
+    plan = plan_download(batch, decision)
+    assert plan is not None
+    assert plan.url == URL
+    # The "ready" write is the decision without its URL: the URL is never stored.
+    assert plan.ready == replace(decision, download_url=None)
+    assert plan.ready.to_state is State.READY
+    assert not plan.leftovers_possible
+
+
+def test_the_planned_batch_is_the_row_after_the_ready_write() -> None:
+    batch = tracked(State.PROCESSING, checks=4, faults=2, rejections=1, download_attempts=1)
+    plan = plan_download(batch, completed(batch))
+    assert plan is not None
+    # The write counts the check, resets the fault and rejection streaks (as the decision
+    # says) and keeps the lease: same id, same token.
+    assert plan.batch == replace(
+        batch, state=State.READY, checks=5, faults=0, rejections=0, download_attempts=1
+    )
+
+
+def test_only_an_already_ready_batch_may_have_left_a_temp_file() -> None:
+    batch = tracked(State.READY, checks=7, download_attempts=2)
+    plan = plan_download(batch, completed(batch))
+    assert plan is not None
+    assert plan.leftovers_possible
+    assert plan.batch.state is State.READY and plan.batch.checks == 8
+    assert plan.batch.download_attempts == 2
+
+
+@pytest.mark.parametrize("outcome", sorted(set(Outcome) - {Outcome.COMPLETED}))
+def test_no_plan_without_an_output_url(outcome: Outcome) -> None:
+    batch = tracked(State.PROCESSING)
+    decision = decide_on_answer(
+        batch, answer(outcome, output_url=URL), POLICY, NOW, random.Random(0)
+    )
+    assert plan_download(batch, decision) is None
+
+
+def test_no_plan_for_a_terminal_batch() -> None:
+    batch = tracked(State.DOWNLOADED)
+    assert plan_download(batch, completed(batch)) is None
+
+
+def test_as_written_counts_a_check_only_when_deepvue_was_reached() -> None:
+    batch = tracked(State.PROCESSING, checks=3, faults=1, rejections=2, download_attempts=4)
+    unreached = Decision(State.PROCESSING, None, checked=False, faults=2, rejections=2)
+    reached = Decision(State.READY, None, checked=True, download_attempts=4)
+    assert as_written(batch, unreached) == replace(batch, faults=2, download_attempts=0)
+    assert as_written(batch, reached) == replace(
+        batch, state=State.READY, checks=4, faults=0, rejections=0
+    )

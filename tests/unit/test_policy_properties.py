@@ -14,23 +14,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.model import Decision, DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    Decision,
-    DownloadProblem,
-    PollPolicy,
-    Tracked,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
     decide_on_download_problem,
     fault_delay,
-    poll_delay,
+    plan_download,
 )
 from tracker.domain.request_ids import REQUEST_ID_PATTERN, request_id_problem
 from tracker.domain.schedule import (
     FORCED_CEILING,
     BudgetView,
     LoadHistory,
+    poll_delay,
     processing_delay,
 )
 from tracker.domain.states import TERMINAL_STATES, State, can_transition
@@ -233,6 +231,44 @@ def test_an_answer_never_breaks_the_invariants(
             assert abs(delay - min(policy.min_interval, left)) <= slack
         case Outcome.FAILED:  # pragma: no cover - always final
             raise AssertionError("a failed answer is final")
+
+
+@EXAMPLES
+@given(
+    data=st.data(),
+    now=NOWS,
+    policy=policies(),
+    answer=answers(),
+    budget=st.none() | budgets(),
+    seed=st.integers(0, 2**32),
+)
+def test_a_download_is_planned_exactly_when_an_answer_brings_a_url(
+    data: st.DataObject,
+    now: datetime,
+    policy: PollPolicy,
+    answer: StatusAnswer,
+    budget: BudgetView | None,
+    seed: int,
+) -> None:
+    batch = data.draw(batches(now, st.sampled_from(State)))
+    decision = decide_on_answer(batch, answer, policy, now, random.Random(seed), budget=budget)
+    plan = plan_download(batch, decision)
+    if decision.download_url is None:
+        assert plan is None
+        return
+    assert plan is not None and plan.url == decision.download_url
+    # The "ready" write stores no URL and is a move the state machine allows.
+    assert plan.ready.download_url is None
+    check_invariants(batch, plan.ready, policy, now)
+    assert plan.ready.to_state is State.READY
+    # The planned batch is the row once the write is applied: same lease, counters as written.
+    assert plan.batch.id == batch.id and plan.batch.lease_token == batch.lease_token
+    assert plan.batch.state is State.READY
+    assert plan.batch.checks == batch.checks + (1 if plan.ready.checked else 0)
+    assert plan.batch.faults == plan.ready.faults
+    assert plan.batch.rejections == plan.ready.rejections
+    assert plan.batch.download_attempts == plan.ready.download_attempts == batch.download_attempts
+    assert plan.leftovers_possible == (batch.state is State.READY)
 
 
 @EXAMPLES

@@ -16,12 +16,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tracker.domain import schedule
-from tracker.domain.policy import PollPolicy, poll_delay
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import PLANS, QuotaLedger, plan_windows
 from tracker.domain.schedule import (
     BudgetView,
     LoadHistory,
     budget_interval,
+    poll_delay,
     processing_delay,
     releases_per_slot,
 )

@@ -1,126 +1,25 @@
-"""When to look at a batch next, and what an answer or a failed download means for it.
+"""What an answer, a failed download or the clock means for a batch: a Decision to write.
 
-Everything here is pure: a batch's counters, an answer and a clock go in; a Decision comes
-out. The sweep turns Decisions into guarded writes.
-
-Three promises hold for every input, however large its counters or odd its answer:
-
-- no function here raises: every delay is computed in clamped arithmetic;
-- a Decision's `to_state` is the batch's state or one the state machine allows from it
-  (a batch in a terminal state never moves);
-- a `next_check_at` is None or lies in [now, max(now, created_at + max_age)]: no check is
-  planned past the batch's deadline, and a batch past it is due at once (and expired by
-  `decide_before_call`).
+Pure, and total: no function raises, a Decision moves a batch only along the state machine,
+and no check is planned past created_at + max_age (docs/polling.md, "What the policy
+promises"). The sweep only carries out its Decisions and download plans.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timedelta
-from enum import StrEnum
 
 from tracker.domain.answers import Outcome, StatusAnswer
+from tracker.domain.model import Decision, DownloadPlan, DownloadProblem, PollPolicy, Tracked
 from tracker.domain.request_ids import request_id_problem
 from tracker.domain.schedule import BudgetView, processing_delay
 from tracker.domain.states import TERMINAL_STATES, State, can_transition
 
-
-@dataclass(frozen=True)
-class PollPolicy:
-    min_interval: float = 30.0
-    max_interval: float = 900.0
-    # Each check of a still-processing batch waits `growth` times longer than the last.
-    growth: float = 1.5
-    # Transient faults back off from fault_base, doubling per fault, up to max_interval: the
-    # call budget protects the quota, the backoff only spaces out retries.
-    fault_base: float = 5.0
-    # An optional tighter ceiling for that backoff (the demo's quick runs use one); by
-    # default max_interval alone caps it.
-    fault_cap: float = math.inf
-    max_age: float = 7 * 86400.0
-    max_rejections: int = 3
-    max_download_attempts: int = 5
-    # A server's Retry-After is honoured up to this; beyond it, it is clamped.
-    max_retry_after: float = 3600.0
-
-    def __post_init__(self) -> None:
-        if not 0 < self.min_interval <= self.max_interval:
-            raise ValueError("poll intervals need 0 < min <= max")
-        if self.growth < 1:
-            raise ValueError("growth must be >= 1")
-
-
-@dataclass(frozen=True)
-class Tracked:
-    """What the policy needs to know about one claimed batch."""
-
-    id: int
-    request_id: str
-    state: State
-    lease_token: int
-    checks: int
-    faults: int
-    rejections: int
-    download_attempts: int
-    created_at: datetime
-    # What is wrong with the row itself (a value another application wrote that is not a
-    # timestamp, a counter the columns cannot hold), one phrase each; empty when sound.
-    problems: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What to write back for a batch after looking at it."""
-
-    to_state: State
-    next_check_at: datetime | None
-    checked: bool = False
-    faults: int = 0
-    rejections: int = 0
-    download_attempts: int = 0
-    api_status: int | None = None
-    api_message: str | None = None
-    last_error: str | None = None
-    # Why the state changed; stored on the transition row.
-    detail: str | None = None
-    # Set when the output should be fetched now. Never stored: it may be a presigned URL.
-    download_url: str | None = None
-
-
-class DownloadProblem(StrEnum):
-    REFUSED = "refused"  # the URL is not one we may fetch: permanent
-    URL_EXPIRED = "url_expired"  # the file host refused the URL: ask Deepvue for a fresh one
-    INTERRUPTED = "interrupted"  # network, 5xx, truncation, deadline: try again later
-    UNWRITABLE = "unwritable"  # our disk is full or read-only: not the batch's fault
-
-
 # 2.0 ** 1023 is the largest power of two a float holds: more doublings change nothing.
 _MAX_DOUBLINGS = 1023
-
-
-def _grown(start: float, factor: float, times: int, ceiling: float) -> float:
-    """min(ceiling, start * factor ** times), without overflowing for any `times`."""
-    if times <= 0 or factor <= 1 or not start < ceiling:
-        return min(start, ceiling)
-    # Past the steps that reach the ceiling, more growth would only overflow on the way.
-    if start > 0 and times < math.log(ceiling / start) / math.log(factor):
-        try:
-            return min(ceiling, start * factor**times)
-        except OverflowError:  # only with an infinite ceiling
-            return ceiling
-    return ceiling
-
-
-def poll_delay(policy: PollPolicy, checks: int, rng: random.Random) -> float:
-    """Geometric backoff from min to max with 'equal jitter'.
-
-    Keeping half of the delay fixed means a batch is never looked at much sooner than
-    planned; the random half spreads batches enqueued together across the window.
-    """
-    ceiling = _grown(policy.min_interval, policy.growth, checks, policy.max_interval)
-    return max(policy.min_interval, ceiling / 2 + rng.uniform(0, ceiling / 2))
 
 
 def fault_ceiling(policy: PollPolicy) -> float:
@@ -379,6 +278,42 @@ def decide_on_answer(
                 last_error=answer.detail or answer.api_message or "transient fault",
                 next_check_at=later(fault_delay(policy, faults, rng, answer.retry_after)),
             )
+
+
+def as_written(batch: Tracked, decision: Decision) -> Tracked:
+    """The batch as the store holds it once `decision` is written (still leased, same token).
+
+    The store's worker write takes the state and the counters from the decision, and counts
+    one more check when the decision says Deepvue was reached.
+    """
+    return replace(
+        batch,
+        state=decision.to_state,
+        checks=batch.checks + 1 if decision.checked else batch.checks,
+        faults=decision.faults,
+        rejections=decision.rejections,
+        download_attempts=decision.download_attempts,
+    )
+
+
+def plan_download(batch: Tracked, decision: Decision) -> DownloadPlan | None:
+    """How to fetch the output `decision` found for `batch`; None when there is none to fetch.
+
+    The "ready" write comes first and keeps the lease, so that no other instance takes the
+    batch while its file downloads; the URL itself is never stored.
+    """
+    url = decision.download_url
+    if url is None:
+        return None
+    ready = replace(decision, download_url=None)
+    return DownloadPlan(
+        ready=ready,
+        batch=as_written(batch, ready),
+        url=url,
+        # Only a batch that was already ready can have a fetch that died without cleaning
+        # up (kill -9 mid-download): every fetch starts with a "ready" write.
+        leftovers_possible=batch.state is State.READY,
+    )
 
 
 def decide_on_download_problem(

@@ -1,16 +1,7 @@
 """Rate-limit arithmetic for Deepvue's per-key call quotas, shareable through a database.
 
-Deepvue limits each API key per second, per minute and per day, each window on its own, and
-does not say whether it counts fixed or sliding windows. We assume sliding windows, the
-strictest reading: in no interval of a window's length may more than `limit` calls start.
-
-Calls are counted in small buckets per window (0.1 s for the second, 1 s for the minute,
-1 min for the day). A bucket is counted in full for as long as any part of it could still
-fall inside the window, widened by a margin for the delay between reserving a call and
-Deepvue receiving it. That over-counts slightly and never under-counts, and it keeps the
-state small enough to live in a database row per bucket, so several processes can share
-one budget and a restart does not reset the day.
-
+Each window (second, minute, day) is read as sliding and counted in small buckets that never
+under-count, so the state fits one row per bucket (docs/polling.md, "The call budget").
 Pure: time (float seconds on a clock every sharer agrees on) is always passed in.
 """
 

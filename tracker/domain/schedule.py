@@ -1,77 +1,8 @@
 """When to look again at a batch Deepvue still reports in progress, given the call budget.
 
-`processing_delay` replaces the plain geometric backoff (`policy.poll_delay`) when the
-caller can describe the budget. Pure: counts and ages go in, seconds come out.
-
-The problem
------------
-Deepvue limits status calls per key per day (1,000 on Starter), counted over a sliding
-24-hour window. Every batch costs one call when it is inserted (its first check) and one per
-later check; the check that sees it finished ends the detection delay. A good schedule
-spends the whole day's quota, never more, and spreads it so that no batch waits long after
-it finished. A fixed interval T does this well *if* T is chosen knowing the day's load:
-T = (batch-seconds of polling) / (calls left after the first checks). Nothing tells the
-tracker tomorrow's load, so it estimates it from the recent past and corrects as it goes.
-
-The plan
---------
-1. Load. From the trailing day (`LoadHistory`): the arrival rate `lam` (each arrival
-   costs a first check) and `busy`, the mean number of batches open at once. If the last
-   six hours were busier than the day, most of that (90 %) is the load planned for: the
-   window still remembers the quiet hours, the busy spell is what the next calls pay
-   for. While the history is shorter than a day, the current open count weighs in too.
-2. Rate. Every open batch gets the same interval: the one at which `busy` batches spend
-   what the window gives back over a day, after the first checks of batches yet to
-   arrive: interval = busy * day / (calls over the day - lam * day). The interval follows
-   the load of the past day, not the open count of the moment: with a constant total rate
-   the busy hours, when most batches finish, would get the longest intervals and the p95
-   delay would suffer. 5 % headroom keeps the window from running exactly full, so that a
-   busier day than the last does not meet an empty window.
-3. Brakes. Two more horizons must fit too; the longest interval wins.
-   - The next hour: the batches open *now* (a burst of inserts) against what is left now
-     plus what the window gives back within the hour, less the first checks of the next
-     hour's arrivals (three standard deviations above their mean). The plan keeps 5 % of
-     the quota back; a burst may use all of it but 1 %. That buffer is what lets a burst
-     arrive in a full window without stretching every open batch's interval.
-   - Until the window first gives anything back, while the history is shorter than a day:
-     a fresh budget returns nothing until a day after its first call, so what is left
-     must last until then.
-   The release schedule (`releases`, from the ledger's buckets) makes the brakes exact:
-   assuming calls come back evenly would let the hour's brake promise calls that a busy
-   hour yesterday has not yet returned.
-4. Age. Batches are not equally likely to finish at every age. A lognormal duration
-   (sigma 1, an assumption: most finish near a typical time, some take several times
-   longer) has a completion hazard that is low for young batches, peaks near 0.6 of the
-   median and falls slowly after. For the p95 detection delay the best use of a call is
-   where the hazard is high: in the simplified problem (one interval per age, a given
-   number of calls) the optimum checks at one short interval wherever the hazard is above
-   a threshold and as rarely as allowed elsewhere, so long as the completions left in the
-   rare region stay under 5 %. The schedule uses the smooth version of that: a check
-   weight of min(1, hazard / (0.6 * peak)), which is flat from 0.17 to 3.4 medians
-   (where 85 % of batches finish) and falls off for the first minutes and the long tail.
-   (The square root of the hazard, used before, minimises the mean delay instead; it buys
-   the p95 less.)
-   The next check comes when the weight accumulated since this one reaches the step-2
-   interval times the mean weight of open batch-time, so the expected number of calls is
-   unchanged; only where they go moves. The median is learnt from the same history (mean
-   time open / e^(sigma^2 / 2)), never assumed. The weight is tabulated once (in units of
-   the median), so a call is a table lookup. With room for every batch at the minimum
-   interval nothing is reshaped.
-
-Bounds. The result is clamped to [policy.min_interval, policy.max_interval], except that
-the budget may force longer intervals: polling at max_interval would then only make calls
-the rate limiter refuses, and the sweep would hold them back in due order rather than
-where they matter. A forced interval is capped at one hour, so that a momentary shortage
-never parks a batch for long: the estimate is made again at the next check. A +-5 % jitter
-keeps batches inserted together from being checked in lockstep.
-
-With `budget=None` the old geometric backoff applies unchanged.
-
-Limits. Fed the interval a fixed poller would choose knowing the day in advance, the age
-weight brings the p95 delay to about 0.95 of that poller's (bench/quota_sim.py reports
-this split). Estimating the day from the last one costs about as much back: days are
-independent, their load varies by about 10 %, and a busy day after a quiet one meets a
-window the quiet day filled, so intervals must stretch while the busy day goes on.
+`processing_delay` spends the day's quota from the recent load, with brakes for bursts and
+checks weighted towards the ages where batches finish; without a budget it falls back to
+geometric backoff (`poll_delay`). Pure. The design and its formulas: docs/polling.md.
 """
 
 from __future__ import annotations
@@ -83,25 +14,23 @@ import random
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import TYPE_CHECKING
 
+from tracker.domain.model import PollPolicy
 from tracker.domain.quota import QuotaLedger, Window
-
-if TYPE_CHECKING:
-    from tracker.domain.policy import PollPolicy
 
 __all__ = [
     "BudgetView",
     "LoadHistory",
     "age_shaped_delay",
     "budget_interval",
+    "poll_delay",
     "processing_delay",
     "releases_per_slot",
 ]
 
 # Share of the day's quota kept back from the plan, and the smaller share a burst may use:
-# the difference is the buffer for a burst of inserts into a full window (with 2 % one
-# burst could stretch every open batch's interval towards the hour's ceiling).
+# the difference is the buffer that lets a burst of inserts into a full window pass without
+# stretching every open batch's interval.
 RESERVE_SHARE = 0.05
 BURST_RESERVE_SHARE = 0.01
 # Plan for this much more load than the trailing day showed.
@@ -118,7 +47,7 @@ ARRIVAL_SPREAD = 3.0
 FORCED_CEILING = 3600.0
 JITTER = 0.05
 
-# Completion-time shape (lognormal, sigma 1; see the module docstring). The check weight is
+# Completion-time shape (lognormal, sigma 1; see docs/polling.md, "The age"). The check weight is
 # min(1, hazard / (SHAPE_CLIP * peak hazard)); SHAPE_STEP and SHAPE_SPAN (in medians) set
 # the table it is read from. Beyond the table the last weight carries on: that far in the
 # tail the hazard changes slowly and the interval is at max_interval anyway.
@@ -262,7 +191,10 @@ def releases_per_slot(
 
 
 def budget_interval(budget: BudgetView) -> float:
-    """The interval every open batch could be checked at within the budget (steps 1-3)."""
+    """The interval every open batch could be checked at within the budget.
+
+    Steps 1-3 of docs/polling.md: the load, the rate and the brakes.
+    """
     window = budget.window
     load = budget.load
     now_open = max(budget.open_batches, 1)
@@ -357,7 +289,7 @@ def _hazard_and_survival(x: float) -> tuple[float, float]:
 
 @functools.cache
 def _shape() -> _Shape:
-    """Tabulated once per process (a few milliseconds), at the first budget-aware check."""
+    """Tabulated once per process, at the first budget-aware check."""
     cells = round(SHAPE_SPAN / SHAPE_STEP)
     points = [_hazard_and_survival((i + 0.5) * SHAPE_STEP) for i in range(cells)]
     peak_index = max(range(cells), key=lambda i: points[i][0])
@@ -385,6 +317,29 @@ def _typical_duration(load: LoadHistory | None) -> float | None:
     return median if median >= 1.0 else None
 
 
+def _grown(start: float, factor: float, times: int, ceiling: float) -> float:
+    """min(ceiling, start * factor ** times), without overflowing for any `times`."""
+    if times <= 0 or factor <= 1 or not start < ceiling:
+        return min(start, ceiling)
+    # Past the steps that reach the ceiling, more growth would only overflow on the way.
+    if start > 0 and times < math.log(ceiling / start) / math.log(factor):
+        try:
+            return min(ceiling, start * factor**times)
+        except OverflowError:  # only with an infinite ceiling
+            return ceiling
+    return ceiling
+
+
+def poll_delay(policy: PollPolicy, checks: int, rng: random.Random) -> float:
+    """Geometric backoff from min to max with 'equal jitter'.
+
+    Keeping half of the delay fixed means a batch is never looked at much sooner than
+    planned; the random half spreads batches enqueued together across the window.
+    """
+    ceiling = _grown(policy.min_interval, policy.growth, checks, policy.max_interval)
+    return max(policy.min_interval, ceiling / 2 + rng.uniform(0, ceiling / 2))
+
+
 def processing_delay(
     policy: PollPolicy,
     *,
@@ -395,9 +350,6 @@ def processing_delay(
 ) -> float:
     """Seconds until the next check of a batch that is still processing at `age` seconds."""
     if budget is None:
-        # Imported here so that tracker.domain.policy can import this module.
-        from tracker.domain.policy import poll_delay
-
         return poll_delay(policy, checks, rng)
     return age_shaped_delay(
         policy, age=age, interval=budget_interval(budget), load=budget.load, rng=rng
@@ -412,7 +364,7 @@ def age_shaped_delay(
     load: LoadHistory | None,
     rng: random.Random,
 ) -> float:
-    """Step 4 and the bounds: the next check of a batch at `age`, given the plan's interval.
+    """Step 4 of docs/polling.md and the bounds: the next check at `age`, given the interval.
 
     Separate from `processing_delay` so that the quota simulation can measure the age
     shaping on its own, fed an interval chosen with hindsight.
