@@ -291,6 +291,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
+    from tracker.prune import FileRemoval, remove_output_file
+
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
@@ -302,18 +304,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not args.files:
             continue
         for row in chunk:
-            if not row.file_path:
-                continue
-            path = Path(row.file_path)
-            # Only ever delete inside the output directory, whatever the row says.
-            if path.resolve().parent != output_dir:
-                print(f"kept {path}: not in {output_dir}", file=sys.stderr)
-                continue
-            try:
-                path.unlink()
-                files += 1
-            except FileNotFoundError:
-                missing += 1
+            removal = remove_output_file(row.file_path, output_dir)
+            if removal is FileRemoval.KEPT:
+                print(f"kept {Path(str(row.file_path))}: not in {output_dir}", file=sys.stderr)
+            files += removal is FileRemoval.DELETED
+            missing += removal is FileRemoval.ALREADY_GONE
     note = f", {files} files deleted ({missing} already gone)" if args.files else ""
     if args.files:
         from tracker.leftovers import remove_stale_temp_files
