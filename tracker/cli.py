@@ -217,7 +217,7 @@ def _request_ids_from(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tracker.views import print_batches
+    from tracker.views.render import print_batches
 
     settings = _settings(args)
     _logging(settings)
@@ -227,7 +227,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tracker.views import print_batch
+    from tracker.views.render import print_batch
 
     settings = _settings(args)
     _logging(settings)
@@ -241,17 +241,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tracker.views import collect_status, print_status
+    from tracker.budget import DatabaseBudget
+    from tracker.domain.quota import plan_windows
+    from tracker.views.render import print_status
+    from tracker.views.snapshots import collect_status
 
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
-    print_status(collect_status(store, settings), as_json=args.json)
+    # Read, never reserved from: the budget every instance sharing the database draws on.
+    budget = DatabaseBudget(
+        store.engine,
+        plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
+    )
+    print_status(collect_status(store, budget), as_json=args.json)
     return EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from tracker.views import watch_batches
+    from tracker.views.watch import watch_batches
 
     settings = _settings(args)
     _logging(settings)
