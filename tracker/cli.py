@@ -20,7 +20,13 @@ if TYPE_CHECKING:
     from tracker.settings import Settings
     from tracker.store import Store
 
+    # What `add_subparsers` returns: each configure_*_parser function adds one command to it.
+    Commands = argparse._SubParsersAction[argparse.ArgumentParser]
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+# Request ids `tracker add` inserts per statement.
+ADD_CHUNK = 1000
 
 # The settings that shape how the daemon recovers, waits and bounds what it takes in; the
 # README lists every one.
@@ -182,9 +188,10 @@ def cmd_add(args: argparse.Namespace) -> int:
         print(f"refused{where}: {problem}", file=sys.stderr)
         refused += 1
     added = known = 0
-    # One INSERT per thousand ids: a file of 100,000 ids takes seconds, not minutes.
-    for start in range(0, len(valid), 1000):
-        chunk = valid[start : start + 1000]
+    # Many ids per INSERT rather than one round trip each: a long file goes in quickly,
+    # and each chunk's ids are reported as soon as it is committed.
+    for start in range(0, len(valid), ADD_CHUNK):
+        chunk = valid[start : start + ADD_CHUNK]
         new = store.enqueue_many(chunk, label=args.label)
         for request_id in chunk:
             print(f"added {request_id}" if request_id in new else f"already tracked {request_id}")
@@ -214,7 +221,7 @@ def _request_ids_from(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from tracker.views import print_batches
+    from tracker.views.render import print_batches
 
     settings = _settings(args)
     _logging(settings)
@@ -224,7 +231,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from tracker.views import print_batch
+    from tracker.views.render import print_batch
 
     settings = _settings(args)
     _logging(settings)
@@ -238,17 +245,25 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tracker.views import collect_status, print_status
+    from tracker.budget import DatabaseBudget
+    from tracker.domain.quota import plan_windows
+    from tracker.views.render import print_status
+    from tracker.views.snapshots import collect_status
 
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
-    print_status(collect_status(store, settings), as_json=args.json)
+    # Read, never reserved from: the budget every instance sharing the database draws on.
+    budget = DatabaseBudget(
+        store.engine,
+        plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
+    )
+    print_status(collect_status(store, budget), as_json=args.json)
     return EXIT_OK
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
-    from tracker.views import watch_batches
+    from tracker.views.watch import watch_batches
 
     settings = _settings(args)
     _logging(settings)
@@ -288,6 +303,8 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 def cmd_prune(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime, timedelta
 
+    from tracker.prune import FileRemoval, remove_output_file
+
     settings = _settings(args)
     _logging(settings)
     store = _store(settings)
@@ -299,18 +316,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
         if not args.files:
             continue
         for row in chunk:
-            if not row.file_path:
-                continue
-            path = Path(row.file_path)
-            # Only ever delete inside the output directory, whatever the row says.
-            if path.resolve().parent != output_dir:
-                print(f"kept {path}: not in {output_dir}", file=sys.stderr)
-                continue
-            try:
-                path.unlink()
-                files += 1
-            except FileNotFoundError:
-                missing += 1
+            removal = remove_output_file(row.file_path, output_dir)
+            if removal is FileRemoval.KEPT:
+                print(f"kept {Path(str(row.file_path))}: not in {output_dir}", file=sys.stderr)
+            files += removal is FileRemoval.DELETED
+            missing += removal is FileRemoval.ALREADY_GONE
     note = f", {files} files deleted ({missing} already gone)" if args.files else ""
     if args.files:
         from tracker.leftovers import remove_stale_temp_files
@@ -398,14 +408,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML settings file (default: $TRACKER_CONFIG); environment wins",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # In this order in `tracker --help`.
+    configure_db_parser(commands)
+    configure_run_parser(commands)
+    configure_sweep_parser(commands)
+    configure_check_parser(commands)
+    configure_add_parser(commands)
+    configure_list_parser(commands)
+    configure_show_parser(commands)
+    configure_status_parser(commands)
+    configure_watch_parser(commands)
+    configure_retry_parser(commands)
+    configure_cancel_parser(commands)
+    configure_prune_parser(commands)
+    configure_submit_parser(commands)
+    configure_fake_api_parser(commands)
+    configure_demo_parser(commands)
+    return parser
 
-    def command(
-        name: str, handler: Callable[[argparse.Namespace], int], text: str
-    ) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.set_defaults(handler=handler)
-        return sub
 
+def _add_command(
+    commands: Commands, name: str, handler: Callable[[argparse.Namespace], int], text: str
+) -> argparse.ArgumentParser:
+    """A sub-command whose one-line help is also its description, run by `handler`."""
+    sub = commands.add_parser(name, help=text, description=text)
+    sub.set_defaults(handler=handler)
+    return sub
+
+
+def configure_db_parser(commands: Commands) -> None:
     db = commands.add_parser(
         "db", help="database schema commands", description="Database schema commands."
     )
@@ -417,21 +448,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upgrade.set_defaults(handler=cmd_db_upgrade)
 
-    run = command(
+
+def configure_run_parser(commands: Commands) -> None:
+    run = _add_command(
+        commands,
         "run",
         cmd_run,
         "run the daemon in the foreground (applies migrations first); SIGTERM stops it cleanly",
     )
     run.formatter_class = argparse.RawDescriptionHelpFormatter
     run.epilog = RUN_SETTINGS
-    command("sweep", cmd_sweep, "work every batch that is due now once, then exit")
-    command(
+
+
+def configure_sweep_parser(commands: Commands) -> None:
+    _add_command(commands, "sweep", cmd_sweep, "work every batch that is due now once, then exit")
+
+
+def configure_check_parser(commands: Commands) -> None:
+    _add_command(
+        commands,
         "check",
         cmd_check,
         "exit 0 if the database answers, its schema is current and this host's daemon swept "
         "recently; else exit 1 with one line saying what is wrong",
     )
-    add = command(
+
+
+def configure_add_parser(commands: Commands) -> None:
+    add = _add_command(
+        commands,
         "add",
         cmd_add,
         "start tracking request ids given as arguments and/or one per line in a file "
@@ -444,7 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read ids from PATH ('-' for stdin): one per line, blank lines and # comments ignored",
     )
     add.add_argument("--label", help="free text stored with the batch for the producer")
-    listing = command("list", cmd_list, "list tracked batches")
+
+
+def configure_list_parser(commands: Commands) -> None:
+    listing = _add_command(commands, "list", cmd_list, "list tracked batches")
     listing.add_argument("--state", type=_state_arg, help="only batches in this state")
     listing.add_argument("--limit", type=int, default=None, help="at most this many rows")
     listing.add_argument(
@@ -452,21 +500,32 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print a JSON array of batches with every column (timestamps ISO-8601 UTC)",
     )
-    show = command("show", cmd_show, "show one batch and its transitions")
+
+
+def configure_show_parser(commands: Commands) -> None:
+    show = _add_command(commands, "show", cmd_show, "show one batch and its transitions")
     show.add_argument("request_id", metavar="ID")
     show.add_argument(
         "--json",
         action="store_true",
         help="print a JSON object: every column of the batch plus a 'transitions' array",
     )
-    status = command(
+
+
+def configure_status_parser(commands: Commands) -> None:
+    status = _add_command(
+        commands,
         "status",
         cmd_status,
         "one screen: batches per state, call budget used and left, the oldest unfinished "
         "batch, the last sweep, recent errors",
     )
     status.add_argument("--json", action="store_true", help="print the same as a JSON object")
-    watch = command(
+
+
+def configure_watch_parser(commands: Commands) -> None:
+    watch = _add_command(
+        commands,
         "watch",
         cmd_watch,
         "a live view of batches per state, progress and recent transitions; "
@@ -487,14 +546,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="exit 0 as soon as no batch (with --label: no such batch) is unfinished",
     )
-    retry = command(
-        "retry", cmd_retry, "put a finished batch back to pending (recorded as a transition)"
+
+
+def configure_retry_parser(commands: Commands) -> None:
+    retry = _add_command(
+        commands,
+        "retry",
+        cmd_retry,
+        "put a finished batch back to pending (recorded as a transition)",
     )
     retry.add_argument("request_id", metavar="ID")
-    cancel = command("cancel", cmd_cancel, "stop tracking an unfinished batch")
+
+
+def configure_cancel_parser(commands: Commands) -> None:
+    cancel = _add_command(commands, "cancel", cmd_cancel, "stop tracking an unfinished batch")
     cancel.add_argument("request_id", metavar="ID")
 
-    prune = command(
+
+def configure_prune_parser(commands: Commands) -> None:
+    prune = _add_command(
+        commands,
         "prune",
         cmd_prune,
         "delete final batches (and their transitions) finished longer ago than --older-than, "
@@ -516,7 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--chunk", type=int, default=500, help="batches per transaction (default 500)"
     )
-    submit = command(
+
+
+def configure_submit_parser(commands: Commands) -> None:
+    submit = _add_command(
+        commands,
         "submit",
         cmd_submit,
         "upload a UPI batch file to Deepvue (/v1/verification/upi-basic/batch) and track the "
@@ -525,7 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("file", type=Path, metavar="FILE")
     submit.add_argument("--label", help="free text stored with the batch")
 
-    fake = command("fake-api", cmd_fake_api, "serve the bundled Deepvue simulator on loopback")
+
+def configure_fake_api_parser(commands: Commands) -> None:
+    fake = _add_command(
+        commands, "fake-api", cmd_fake_api, "serve the bundled Deepvue simulator on loopback"
+    )
     fake.add_argument(
         "--host", default="127.0.0.1", help="loopback address to bind (default 127.0.0.1)"
     )
@@ -569,11 +648,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Retry-After header of those 429s, sent as given (default 300)",
     )
 
-    demo = command(
-        "demo", cmd_demo, "run a dozen batches against the simulator, end to end, in a temp dir"
+
+def configure_demo_parser(commands: Commands) -> None:
+    demo = _add_command(
+        commands,
+        "demo",
+        cmd_demo,
+        "run a dozen batches against the simulator, end to end, in a temp dir",
     )
     demo.add_argument("--clean", action="store_true", help="remove the temp directory afterwards")
-    return parser
 
 
 def _duration_arg(text: str) -> float:

@@ -234,6 +234,46 @@ def test_prune_removes_exactly_what_it_should(
     assert tracker(env, "prune", "--older-than", "soon").returncode == 2
 
 
+def test_prune_keeps_a_recorded_file_outside_the_output_directory(
+    e2e_database_url: str, tmp_path: Path, fake_api: Callable[..., FakeApi]
+) -> None:
+    import sqlalchemy as sa
+
+    from tracker.db import create_engine_for
+
+    api = fake_api("--completion-delay", "0")
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    env = tracker_env(e2e_database_url, api.url, output_dir)
+    assert tracker(env, "db", "upgrade").returncode == 0
+    outside, linked = tmp_path / "elsewhere.csv", output_dir / "linked.csv"
+    outside.write_text("not ours")
+    linked.symlink_to(outside)
+    rows = {uuid.uuid4().hex: outside, uuid.uuid4().hex: linked}
+    raw_insert(e2e_database_url, list(rows))
+    engine = create_engine_for(e2e_database_url)
+    with engine.begin() as connection:
+        for request_id, recorded in rows.items():
+            connection.execute(
+                sa.text(
+                    "UPDATE tracker_batches SET state = 'downloaded', file_path = :p,"
+                    " finished_at = '2020-01-01 00:00:00' WHERE request_id = :r"
+                ),
+                {"p": str(recorded), "r": request_id},
+            )
+    engine.dispose()
+
+    result = tracker(env, "prune", "--older-than", "30d", "--files")
+    assert result.returncode == 0, result.stderr
+    assert "pruned 2 final batches" in result.stdout
+    assert ", 0 files deleted (0 already gone)" in result.stdout
+    resolved = output_dir.resolve()
+    assert f"kept {outside}: not in {resolved}" in result.stderr
+    assert f"kept {linked}: not in {resolved}" in result.stderr
+    assert outside.read_text() == "not ours" and linked.is_symlink()
+    assert states(e2e_database_url) == {}
+
+
 def test_submit_uploads_and_tracks(
     e2e_database_url: str, tmp_path: Path, fake_api: Callable[..., FakeApi]
 ) -> None:

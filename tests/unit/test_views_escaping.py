@@ -12,15 +12,9 @@ from tests.rows import batch_row
 from tracker.domain.states import State
 from tracker.schema import UnreadableTimestamp
 from tracker.store import BatchRow, TransitionRow
-from tracker.views import (
-    StatusReport,
-    WatchSnapshot,
-    print_batch,
-    print_batches,
-    printable,
-    status_view,
-    watch_view,
-)
+from tracker.views.render import print_batch, print_batches, status_view, watch_view
+from tracker.views.snapshots import StatusReport, WatchSnapshot
+from tracker.views.text import printable
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 TITLE = "\x1b]0;pwned\x07"
