@@ -27,8 +27,8 @@ from tracker.download import (
     OutputUnwritable,
     OwnershipLost,
     UrlExpired,
-    make_download_http_client,
 )
+from tracker.file_transport import make_download_http_client
 
 HOST = "bulk-data-processing.s3.ap-south-1.amazonaws.com"
 PATH = "/upi-basic-batch-output-files/req1.csv"
@@ -192,8 +192,7 @@ def fetch(
     async def run() -> DownloadedFile:
         transport = httpx.MockTransport(server.handler)
         async with make_download_http_client(5.0, transport=transport) as http:
-            # Chunks the size of the server's pieces make resume offsets exact.
-            options: dict[str, Any] = {"allowed_hosts": ALLOWED, "chunk_size": 1000}
+            options: dict[str, Any] = {"allowed_hosts": ALLOWED}
             options.update(downloader_options)
             downloader = Downloader(http, output_dir=output_dir, **options)
             return await downloader.fetch(
@@ -257,16 +256,19 @@ def test_extension_follows_the_url_and_existing_file_is_replaced(out: Path) -> N
 
 def test_stale_temp_files_of_the_same_request_are_cleaned(out: Path) -> None:
     out.mkdir()
-    (out / ".req1.csv.part").write_bytes(b"half of an old attempt")
-    (out / ".req1.zip.part").write_bytes(b"another leftover")
-    (out / ".req1.xlsx.0123456789ab.part").write_bytes(b"a leftover of this version")
-    (out / ".other.csv.part").write_bytes(b"someone else's")
+    (out / ".req1.csv.0123456789ab0.part").write_bytes(b"half of an old attempt")
+    (out / ".req1.zip.0123456789ab1.part").write_bytes(b"another leftover")
+    (out / ".req1.xlsx.0123456789ab.part").write_bytes(b"a leftover of another extension")
+    (out / ".other.csv.0123456789ab.part").write_bytes(b"someone else's")
     # The temp file of request "req1.csv", not of request "req1".
     (out / ".req1.csv.csv.0123456789ab.part").write_bytes(b"another request's")
+    # No tag: not a name the downloader writes.
+    (out / ".req1.csv.part").write_bytes(b"not a temp file of ours")
     fetch(FakeFileServer(), out)
     assert sorted(p.name for p in out.iterdir()) == [
-        ".other.csv.part",
+        ".other.csv.0123456789ab.part",
         ".req1.csv.csv.0123456789ab.part",
+        ".req1.csv.part",
         "req1.csv",
     ]
 

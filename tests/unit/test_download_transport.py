@@ -29,8 +29,8 @@ from tracker.download import (
     DownloadInterrupted,
     FileTooLarge,
     OutputUnwritable,
-    make_download_http_client,
 )
+from tracker.file_transport import make_download_http_client
 from tracker.simulator import (
     SimulatorConfig,
     SimulatorHandle,
