@@ -399,7 +399,7 @@ class Downloader:
                 published = True
                 # Makes the rename itself durable: without it a crash can lose the new name.
                 await self._directory_sync.after_rename()
-            return file.size, file.hasher.hexdigest(), resumes
+            return file.size, file.written_sha256(), resumes
         finally:
             self._in_flight.pop(id(progress), None)
             file.discard()
@@ -613,10 +613,9 @@ class Downloader:
 
     def _verify_md5(self, progress: _Progress) -> None:
         """Raise ChecksumMismatch if the file host's MD5 disagrees with the bytes written."""
-        expected, hasher = progress.md5, progress.file.md5
-        if expected is None or hasher is None:
+        expected, received = progress.md5, progress.file.written_md5()
+        if expected is None or received is None:
             return
-        received = hasher.hexdigest()
         if received != expected:
             raise ChecksumMismatch(
                 f"checksum mismatch: the {progress.size} bytes received have MD5 {received}, "

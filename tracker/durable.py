@@ -108,6 +108,14 @@ class TempFile:
     async def md5_hexdigest(self) -> str | None:
         """The MD5 of every accepted byte (None when not tracked); waits for the writer."""
         await self.drain()
+        return self.written_md5()
+
+    def written_sha256(self) -> str:
+        """The SHA-256 of the bytes written so far: of them all, once drained or closed."""
+        return self.hasher.hexdigest()
+
+    def written_md5(self) -> str | None:
+        """The MD5 of the bytes written so far (None when not tracked)."""
         return None if self.md5 is None else self.md5.hexdigest()
 
     async def close_durably(self) -> int:
