@@ -25,7 +25,8 @@ from tracker.db import create_engine_for, describe_db_error, upgrade_database
 from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client, make_api_transport
 from tracker.domain.model import PollPolicy
 from tracker.domain.quota import plan_windows
-from tracker.download import Downloader, make_download_http_client
+from tracker.download import Downloader
+from tracker.file_transport import make_download_http_client
 from tracker.health import health_problem
 from tracker.instance import boot_identity, dead_predecessors, instance_name
 from tracker.listen import listen_for_new_batches

@@ -1,7 +1,8 @@
 """Stale download temp files: partial KYC data that no download will ever finish.
 
-A download writes `.<request_id>.<ext>.<tag>.part` in the output directory and removes it
-whatever happens, and the next download of the batch removes an earlier fetch's leftovers.
+A download writes `.<request_id>.<ext>.<tag>.part` (tracker.domain.temp_names) in the
+output directory and removes it whatever happens, and the next download of the batch
+removes an earlier fetch's leftovers.
 A temp file still survives a crash (kill -9, power cut) followed by anything but a new
 download of the same batch on the same directory: the batch fails, is cancelled, or is
 downloaded again by another host. Such a file is stale once it is older than the download
@@ -17,7 +18,6 @@ or a directory is never followed nor removed, and nothing outside the directory 
 from __future__ import annotations
 
 import os
-import re
 import stat
 import time
 from collections.abc import Collection, Iterator
@@ -28,21 +28,9 @@ from typing import Protocol
 
 import structlog
 
-from tracker.domain.urls import OUTPUT_EXTENSIONS
+from tracker.domain.temp_names import temp_file_request_id
 
 log = structlog.get_logger("tracker.leftovers")
-
-# The downloader's names (tracker/download.py): `.<request_id>.<ext>.<tag>.part`, and those
-# of older versions, `.<request_id>.<ext>.part` and `.<request_id>.<ext>.<tag>part`. A
-# request_id holds no dot and the tag never does, so the name says whose file it is.
-_TEMP_NAME = re.compile(
-    r"\.(?P<request_id>[A-Za-z0-9][A-Za-z0-9_-]{0,127})"
-    r"\.(?:" + "|".join(map(re.escape, OUTPUT_EXTENSIONS)) + r")"
-    r"\.(?:[^./]*\.)?part|"
-    r"\.(?P<old_request_id>[A-Za-z0-9][A-Za-z0-9_-]{0,127})"
-    r"\.(?:" + "|".join(map(re.escape, OUTPUT_EXTENSIONS)) + r")"
-    r"\.[^./]*part"
-)
 
 
 class LeaseReader(Protocol):
@@ -55,14 +43,6 @@ class StaleTempFile:
     request_id: str
     age: float
     size: int
-
-
-def temp_file_request_id(name: str) -> str | None:
-    """The batch a temp file name belongs to, or None if it is not a download temp file."""
-    match = _TEMP_NAME.fullmatch(name)
-    if match is None:
-        return None
-    return match.group("request_id") or match.group("old_request_id")
 
 
 def find_stale_temp_files(

@@ -27,8 +27,8 @@ from tracker.download import (
     OutputUnwritable,
     OwnershipLost,
     UrlExpired,
-    make_download_http_client,
 )
+from tracker.file_transport import make_download_http_client
 
 HOST = "bulk-data-processing.s3.ap-south-1.amazonaws.com"
 PATH = "/upi-basic-batch-output-files/req1.csv"
@@ -90,6 +90,7 @@ class FakeFileServer:
     cut_every_after: int | None = None  # break every body after this many bytes of it
     ignore_range: bool = False  # answer 200 with the whole file to a Range request
     wrong_range_start: bool = False  # answer the first Range request from the wrong offset
+    refuse_range: bool = False  # answer the first Range request with 416
     expired_status: int | None = None
     status: int | None = None  # answer every request with this bare status
     redirects: dict[str, str] = field(default_factory=dict)  # "host/path" -> Location
@@ -133,6 +134,9 @@ class FakeFileServer:
         start = self._range_start(request)
         if start is None:
             return self._send(200, 0, validators, first)
+        if self.refuse_range:
+            self.refuse_range = False
+            return httpx.Response(416, headers={"Content-Range": f"bytes */{len(self.body)}"})
         if self.wrong_range_start:
             self.wrong_range_start = False
             start += 7
@@ -192,8 +196,7 @@ def fetch(
     async def run() -> DownloadedFile:
         transport = httpx.MockTransport(server.handler)
         async with make_download_http_client(5.0, transport=transport) as http:
-            # Chunks the size of the server's pieces make resume offsets exact.
-            options: dict[str, Any] = {"allowed_hosts": ALLOWED, "chunk_size": 1000}
+            options: dict[str, Any] = {"allowed_hosts": ALLOWED}
             options.update(downloader_options)
             downloader = Downloader(http, output_dir=output_dir, **options)
             return await downloader.fetch(
@@ -257,16 +260,19 @@ def test_extension_follows_the_url_and_existing_file_is_replaced(out: Path) -> N
 
 def test_stale_temp_files_of_the_same_request_are_cleaned(out: Path) -> None:
     out.mkdir()
-    (out / ".req1.csv.part").write_bytes(b"half of an old attempt")
-    (out / ".req1.zip.part").write_bytes(b"another leftover")
-    (out / ".req1.xlsx.0123456789ab.part").write_bytes(b"a leftover of this version")
-    (out / ".other.csv.part").write_bytes(b"someone else's")
+    (out / ".req1.csv.0123456789ab0.part").write_bytes(b"half of an old attempt")
+    (out / ".req1.zip.0123456789ab1.part").write_bytes(b"another leftover")
+    (out / ".req1.xlsx.0123456789ab.part").write_bytes(b"a leftover of another extension")
+    (out / ".other.csv.0123456789ab.part").write_bytes(b"someone else's")
     # The temp file of request "req1.csv", not of request "req1".
     (out / ".req1.csv.csv.0123456789ab.part").write_bytes(b"another request's")
+    # No tag: not a name the downloader writes.
+    (out / ".req1.csv.part").write_bytes(b"not a temp file of ours")
     fetch(FakeFileServer(), out)
     assert sorted(p.name for p in out.iterdir()) == [
-        ".other.csv.part",
+        ".other.csv.0123456789ab.part",
         ".req1.csv.csv.0123456789ab.part",
+        ".req1.csv.part",
         "req1.csv",
     ]
 
@@ -376,22 +382,55 @@ def test_file_changed_between_attempts_restarts_from_the_new_file(out: Path) -> 
     assert_published_only(out, "req1.csv", new_body)
 
 
+def restarts_and_resumes(logs: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [
+        (entry["event"], entry["reason"])
+        for entry in logs
+        if entry["event"] in ("download.restarted", "download.resumed")
+    ]
+
+
 def test_full_answer_to_a_range_request_starts_over(out: Path) -> None:
     server = FakeFileServer(cut_first_after=4000, ignore_range=True)
-    result = fetch(server, out)
+    with capture_logs() as logs:
+        result = fetch(server, out)
     assert server.requests[1].headers["Range"] == "bytes=4000-"
     assert result.size == len(BODY)
     assert result.sha256 == sha256(BODY)
     assert_published_only(out, "req1.csv", BODY)
+    assert restarts_and_resumes(logs) == [
+        ("download.resumed", "connection cut: RemoteProtocolError"),
+        ("download.restarted", "200 to a range request"),
+    ]
 
 
 def test_content_range_from_the_wrong_offset_starts_over(out: Path) -> None:
     server = FakeFileServer(cut_first_after=2000, wrong_range_start=True)
-    result = fetch(server, out)
+    with capture_logs() as logs:
+        result = fetch(server, out)
     ranges = [request.headers.get("Range") for request in server.requests]
     assert ranges == [None, "bytes=2000-", None]
     assert result.sha256 == sha256(BODY)
     assert_published_only(out, "req1.csv", BODY)
+    assert restarts_and_resumes(logs) == [
+        ("download.resumed", "connection cut: RemoteProtocolError"),
+        ("download.restarted", "206 starts at 2007, expected 2000"),
+        ("download.resumed", "206 starts at 2007, expected 2000"),
+    ]
+
+
+def test_a_refused_range_starts_over(out: Path) -> None:
+    server = FakeFileServer(cut_first_after=2000, refuse_range=True)
+    with capture_logs() as logs:
+        result = fetch(server, out)
+    ranges = [request.headers.get("Range") for request in server.requests]
+    assert ranges == [None, "bytes=2000-", None]
+    assert result.sha256 == sha256(BODY)
+    assert_published_only(out, "req1.csv", BODY)
+    assert restarts_and_resumes(logs) == [
+        ("download.resumed", "connection cut: RemoteProtocolError"),
+        ("download.resumed", "server refused the range (416), starting over"),
+    ]
 
 
 def test_gives_up_after_max_resumes_and_leaves_nothing(out: Path) -> None:

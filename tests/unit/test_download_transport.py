@@ -29,8 +29,8 @@ from tracker.download import (
     DownloadInterrupted,
     FileTooLarge,
     OutputUnwritable,
-    make_download_http_client,
 )
+from tracker.file_transport import _httpx_error, make_download_http_client
 from tracker.simulator import (
     SimulatorConfig,
     SimulatorHandle,
@@ -334,6 +334,39 @@ def test_only_get_is_sent() -> None:
 
     with pytest.raises(httpx.UnsupportedProtocol):
         asyncio.run(run())
+
+
+_REFUSED = OSError(111, "Connection refused")
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        (aiohttp.ConnectionTimeoutError(), httpx.ConnectTimeout),
+        (aiohttp.SocketTimeoutError(), httpx.ReadTimeout),
+        (aiohttp.ServerTimeoutError(), httpx.ReadTimeout),
+        (aiohttp.ClientProxyConnectionError(None, _REFUSED), httpx.ProxyError),
+        (aiohttp.ClientHttpProxyError(None, (), status=407), httpx.ProxyError),
+        (aiohttp.ClientConnectorError(None, _REFUSED), httpx.ConnectError),
+        (aiohttp.ClientPayloadError("cut"), httpx.RemoteProtocolError),
+        (aiohttp.ServerDisconnectedError(), httpx.RemoteProtocolError),
+        (aiohttp.ClientResponseError(None, (), status=400), httpx.RemoteProtocolError),
+        (aiohttp.ClientOSError(104, "Connection reset by peer"), httpx.ReadError),
+        (aiohttp.ClientConnectionError(), httpx.ReadError),
+        (aiohttp.InvalidURL("https://bad host/"), httpx.UnsupportedProtocol),
+        (aiohttp.NonHttpUrlClientError("ftp://host/f.csv"), httpx.UnsupportedProtocol),
+        (aiohttp.ClientError(), httpx.TransportError),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else value.__name__,
+)
+def test_each_aiohttp_error_becomes_the_httpx_error_for_the_same_failure(
+    error: aiohttp.ClientError, expected: type[httpx.TransportError]
+) -> None:
+    request = httpx.Request("GET", "https://files.example.org/f.csv?X-Amz-Signature=s3cr3t")
+    mapped = _httpx_error(error, request)
+    assert type(mapped) is expected
+    assert str(mapped) == type(error).__name__  # aiohttp's text may quote the URL
+    assert mapped.request is request
 
 
 # -- hostile file hosts over the wire (issue 10, defects 3 and 4), the simulator serving ----------

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tracker.leftovers import find_stale_temp_files, remove_stale_temp_files, temp_file_request_id
+from tracker.domain.temp_names import temp_file_request_id, temp_name
+from tracker.leftovers import find_stale_temp_files, remove_stale_temp_files
 
 HOUR = 3600.0
 
@@ -30,8 +31,8 @@ class FakeStore:
         (".abc123.csv.1f2e3d4c5b6a0.part", "abc123"),
         (".abc123.xlsx.00ff.part", "abc123"),
         (".trickle-x_1.json.deadbeef7.part", "trickle-x_1"),
-        (".abc123.zip.part", "abc123"),  # an older version's name: no tag
-        (".abc123.csv.deadbeefpart", "abc123"),  # an older version's name: no dot
+        (".abc123.zip.part", None),  # no tag
+        (".abc123.csv.deadbeefpart", None),  # no dot before "part"
         (".abc123.csv.abc123.json.part", None),  # a dot in the tag: not one of ours
         ("abc123.csv", None),
         ("abc123.csv.part", None),
@@ -44,6 +45,14 @@ class FakeStore:
     ],
 )
 def test_only_the_downloaders_temp_names_are_recognised(name: str, request_id: str | None) -> None:
+    assert temp_file_request_id(name) == request_id
+
+
+@pytest.mark.parametrize(
+    ("request_id", "extension"), [("abc123", "csv"), ("trickle-x_1", "xlsx"), ("a", "zip")]
+)
+def test_the_names_the_downloader_writes_are_recognised(request_id: str, extension: str) -> None:
+    name = temp_name(request_id, extension, "0123456789ab1f")
     assert temp_file_request_id(name) == request_id
 
 
@@ -67,7 +76,12 @@ def test_only_temp_files_older_than_the_deadline_are_stale(tmp_path: Path) -> No
 
 
 def test_leased_batches_keep_their_temp_files_the_others_lose_theirs(tmp_path: Path) -> None:
-    names = [".busy1.csv.aa.part", ".idle1.csv.bb.part", ".idle1.xlsx.cc.part", ".gone1.zip.part"]
+    names = [
+        ".busy1.csv.aa.part",
+        ".idle1.csv.bb.part",
+        ".idle1.xlsx.cc.part",
+        ".gone1.zip.dd.part",
+    ]
     for name in names:
         (tmp_path / name).write_bytes(b"x" * 10)
         _age(tmp_path / name, 2 * HOUR)
