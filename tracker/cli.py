@@ -120,15 +120,15 @@ def _exit_before_start(signum: int, frame: FrameType | None) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tracker.daemon import open_sweeper
+    from tracker.services import open_services
 
     settings = _settings(args)
     settings.require_credentials()
     scrubber = _logging(settings)
-    store = _store(settings, migrate=True)
 
     async def one_pass() -> Any:
-        async with open_sweeper(settings, store, scrubber) as sweeper:
+        async with open_services(settings, scrubber) as services:
+            sweeper = services.sweeper
             return await sweeper.sweep()
 
     report = asyncio.run(one_pass())
@@ -326,8 +326,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tracker.daemon import open_sweeper
     from tracker.deepvue import AuthFailed, SubmitFailed
+    from tracker.services import open_services
 
     settings = _settings(args)
     settings.require_credentials()
@@ -335,18 +335,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         print(f"tracker: submit: no such file: {args.file}", file=sys.stderr)
         return EXIT_USAGE
-    store = _store(settings, migrate=True)
 
-    async def upload() -> str:
-        async with open_sweeper(settings, store, scrubber) as sweeper:
-            return await sweeper.client.submit_upi_batch(args.file)
+    async def upload_and_track() -> str:
+        async with open_services(settings, scrubber) as services:
+            client, store = services.client, services.store
+            request_id = await client.submit_upi_batch(args.file)
+            await asyncio.to_thread(store.enqueue, request_id, label=args.label)
+            return request_id
 
     try:
-        request_id = asyncio.run(upload())
+        request_id = asyncio.run(upload_and_track())
     except (SubmitFailed, AuthFailed) as error:
         print(f"tracker: submit failed: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    store.enqueue(request_id, label=args.label)
     print(f"submitted {args.file.name} as {request_id}; tracking it")
     return EXIT_OK
 
