@@ -135,6 +135,9 @@ class FakeDeepvue:
         self.scripts: dict[str, list[httpx.Response]] = {}
         # Seconds each API answer takes (file downloads are held with `held` instead).
         self.latency = 0.0
+        # Status calls being answered now, and the most at any one time.
+        self.status_in_flight = 0
+        self.most_status_in_flight = 0
         self.held: dict[str, asyncio.Event] = {}
 
     def transport(self) -> httpx.MockTransport:
@@ -156,9 +159,16 @@ class FakeDeepvue:
         self.requests.append(request)
         if request.url.host == FILES_HOST:
             return await self._file(request)
-        # Let concurrent calls interleave, as real I/O would.
-        await asyncio.sleep(self.latency)
         path = request.url.path
+        if path == STATUS_PATH:
+            self.status_in_flight += 1
+            self.most_status_in_flight = max(self.most_status_in_flight, self.status_in_flight)
+        try:
+            # Let concurrent calls interleave, as real I/O would.
+            await asyncio.sleep(self.latency)
+        finally:
+            if path == STATUS_PATH:
+                self.status_in_flight -= 1
         if path == AUTHORIZE_PATH:
             return self._authorize(request)
         if path == STATUS_PATH:
