@@ -283,8 +283,9 @@ class _Pass:
             if not task.done():
                 task.cancel()
                 hand_back.append(batch)
-        if hand_back:
-            await asyncio.wait(self._tasks())
+        tasks = self._tasks()
+        if hand_back and tasks:  # (asyncio.wait refuses an empty list)
+            await asyncio.wait(tasks)
         for task in list(self._checking):
             outcome = self._finished(task)
             if isinstance(outcome, _Download):

@@ -18,7 +18,7 @@ from tests.fake_deepvue import FakeDeepvue, completed, in_progress, open_clients
 from tracker.budget import MemoryBudget, Throttle
 from tracker.db import create_engine_for, upgrade_database
 from tracker.domain.policy import PollPolicy
-from tracker.domain.quota import plan_windows
+from tracker.domain.quota import Grant, plan_windows
 from tracker.schema import batches
 from tracker.store import BatchRow, Store
 from tracker.sweep import Sweeper, SweepReport
@@ -220,3 +220,24 @@ def test_an_auth_failure_pauses_the_throttle_and_penalises_no_batch(harness: Har
     # Later sweeps stay quiet for the backoff period, here and (through the budget) elsewhere.
     assert harness.throttle.paused_for() == pytest.approx(30, abs=1)
     assert asyncio.run(harness.budget.reserve(1)).granted == 0
+
+
+def test_a_stop_while_the_claim_runs_hands_back_everything_it_claimed(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness.store.enqueue_many(["a", "b"])
+    reserve = harness.budget.reserve
+
+    async def reserve_then_stop(want: int) -> Grant:
+        harness.stopping.set()  # the signal arrives while the claim transaction runs
+        return await reserve(want)
+
+    monkeypatch.setattr(harness.budget, "reserve", reserve_then_stop)
+
+    report = asyncio.run(harness.sweep())
+
+    assert report.claimed == 2
+    assert harness.fake.status_calls == []
+    for row in harness.rows().values():
+        assert (row.state, row.checks, row.lease_owner) == ("pending", 0, None)
+    assert asyncio.run(harness.calls_used()) == 0
