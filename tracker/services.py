@@ -42,8 +42,6 @@ class Services:
     sweeper: Sweeper
     # Set to stop claiming and wind the running sweep down (the daemon's signal handler).
     stopping: asyncio.Event
-    owner: str
-    clock: DatabaseClock
 
 
 @dataclass(frozen=True)
@@ -180,6 +178,4 @@ async def _open_services(
             client=client,
             sweeper=sweeper,
             stopping=stopping,
-            owner=owner,
-            clock=clock,
         )
