@@ -327,7 +327,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     import asyncio
 
     from tracker.deepvue import AuthFailed, SubmitFailed
-    from tracker.services import open_services
+    from tracker.services import open_api
 
     settings = _settings(args)
     settings.require_credentials()
@@ -337,8 +337,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
         return EXIT_USAGE
 
     async def upload_and_track() -> str:
-        async with open_services(settings, scrubber) as services:
-            client, store = services.client, services.store
+        async with open_api(settings, scrubber) as api:
+            client, store = api.client, api.store
             request_id = await client.submit_upi_batch(args.file)
             await asyncio.to_thread(store.enqueue, request_id, label=args.label)
             return request_id

@@ -1,8 +1,9 @@
 """The composition root: the services built from `Settings`, each handed what it uses.
 
-`tracker run` (tracker.daemon.run_service), `tracker sweep` and `tracker submit` open them
-with `open_services`; `tracker status` and `tracker watch` take only the read-only parts
-(`read_only_services`: no credentials, no HTTP client).
+`tracker run` (tracker.daemon.run_service) and `tracker sweep` open them all with
+`open_services`; `tracker submit` only the store and the API client (`open_api`);
+`tracker status` and `tracker watch` only the read-only parts (`read_only_services`: no
+credentials, no HTTP client).
 """
 
 from __future__ import annotations
@@ -42,6 +43,14 @@ class Services:
     sweeper: Sweeper
     # Set to stop claiming and wind the running sweep down (the daemon's signal handler).
     stopping: asyncio.Event
+
+
+@dataclass(frozen=True)
+class ApiServices:
+    """The store and the API client, for a command that calls Deepvue but does not sweep."""
+
+    store: Store
+    client: DeepvueClient
 
 
 @dataclass(frozen=True)
@@ -86,61 +95,88 @@ async def open_services(
     clock: DatabaseClock | None = None,
     owner: str | None = None,
 ) -> AsyncIterator[Services]:
-    """The services, with their HTTP clients, closed again on exit.
+    """Everything a sweep needs, with its HTTP clients, closed again on exit.
 
-    Without `store`, a store over TRACKER_DATABASE_URL, migrated first, and its engine
-    disposed on exit. The clock is the database's (`clock`, or one read now): due times,
-    leases and the maximum age must mean the same on every host sharing the database.
+    Without `store`, a store over TRACKER_DATABASE_URL, migrated first (its engine disposed
+    on exit). The clock is the database's (`clock`, or one read now): due times, leases and
+    the maximum age must mean the same on every host sharing the database.
     """
     settings.require_credentials()
-    engine: sa.Engine | None = None
-    if store is None:
-        engine = create_engine_for(settings.database_url)
-        await asyncio.to_thread(upgrade_database, engine)
-        store = make_store(settings, engine)
-    try:
+    async with _migrated_store(settings, store) as store:
         if clock is None:
             clock = DatabaseClock(await asyncio.to_thread(store.database_now))
-        async with _open_services(
-            settings,
-            scrubber,
-            store,
-            policy=policy or settings.poll_policy,
-            metrics=metrics,
-            clock=clock,
-            owner=owner or instance_name(),
-        ) as services:
-            yield services
-    finally:
-        if engine is not None:
-            engine.dispose()
+        throttle = Throttle(make_budget(settings, store.engine))
+        stopping = asyncio.Event()
+        async with (
+            _api_client(settings, scrubber, throttle) as client,
+            # A separate client for the file host: it must never carry the API's credentials.
+            make_download_http_client(settings.http_timeout) as download_http,
+        ):
+            downloader = Downloader(
+                download_http,
+                output_dir=settings.output_dir,
+                allowed_hosts=settings.download_allowed_hosts,
+                file_mode=settings.file_mode,
+                deadline=settings.download_deadline,
+                max_file_size=settings.max_file_size,
+            )
+            sweeper = Sweeper(
+                store=store,
+                client=client,
+                throttle=throttle,
+                downloader=downloader,
+                policy=policy or settings.poll_policy,
+                owner=owner or instance_name(),
+                stopping=stopping,
+                clock=clock.now,
+                concurrency=settings.concurrency,
+                download_concurrency=settings.download_concurrency,
+                lease_seconds=settings.lease_duration,
+                shutdown_grace=settings.shutdown_grace,
+                metrics=metrics,
+            )
+            yield Services(
+                store=store, throttle=throttle, client=client, sweeper=sweeper, stopping=stopping
+            )
 
 
 @asynccontextmanager
-async def _open_services(
-    settings: Settings,
-    scrubber: SecretScrubber,
-    store: Store,
-    *,
-    policy: PollPolicy,
-    metrics: Metrics | None,
-    clock: DatabaseClock,
-    owner: str,
-) -> AsyncIterator[Services]:
+async def open_api(settings: Settings, scrubber: SecretScrubber) -> AsyncIterator[ApiServices]:
+    """A migrated store and the API client (its calls drawing on the shared budget)."""
+    settings.require_credentials()
+    async with (
+        _migrated_store(settings, None) as store,
+        _api_client(settings, scrubber, Throttle(make_budget(settings, store.engine))) as client,
+    ):
+        yield ApiServices(store=store, client=client)
+
+
+@asynccontextmanager
+async def _migrated_store(settings: Settings, store: Store | None) -> AsyncIterator[Store]:
+    """`store`, or a new one over a migrated TRACKER_DATABASE_URL, disposed on exit."""
+    if store is not None:
+        yield store
+        return
+    engine = create_engine_for(settings.database_url)
+    try:
+        await asyncio.to_thread(upgrade_database, engine)
+        yield make_store(settings, engine)
+    finally:
+        engine.dispose()
+
+
+@asynccontextmanager
+async def _api_client(
+    settings: Settings, scrubber: SecretScrubber, throttle: Throttle
+) -> AsyncIterator[DeepvueClient]:
     def read_secret() -> str:
         secret = settings.read_client_secret()
         scrubber.add(secret)
         return secret
 
-    throttle = Throttle(make_budget(settings, store.engine))
-    stopping = asyncio.Event()
     api_transport = make_api_transport()
-    async with (
-        make_api_http_client(settings.http_timeout, api_transport) as api_http,
-        # A separate client for the file host: it must never carry the API's credentials.
-        make_download_http_client(settings.http_timeout) as download_http,
-    ):
-        client = DeepvueClient(
+    async with make_api_http_client(settings.http_timeout, api_transport) as api_http:
+        yield DeepvueClient(
             api_http,
             base_url=settings.api_base_url,
             client_id=settings.client_id or "",
@@ -148,34 +184,4 @@ async def _open_services(
             throttle=throttle,
             status_transport=api_transport,
             max_retry_after=settings.max_retry_after,
-        )
-        downloader = Downloader(
-            download_http,
-            output_dir=settings.output_dir,
-            allowed_hosts=settings.download_allowed_hosts,
-            file_mode=settings.file_mode,
-            deadline=settings.download_deadline,
-            max_file_size=settings.max_file_size,
-        )
-        sweeper = Sweeper(
-            store=store,
-            client=client,
-            throttle=throttle,
-            downloader=downloader,
-            policy=policy,
-            owner=owner,
-            stopping=stopping,
-            clock=clock.now,
-            concurrency=settings.concurrency,
-            download_concurrency=settings.download_concurrency,
-            lease_seconds=settings.lease_duration,
-            shutdown_grace=settings.shutdown_grace,
-            metrics=metrics,
-        )
-        yield Services(
-            store=store,
-            throttle=throttle,
-            client=client,
-            sweeper=sweeper,
-            stopping=stopping,
         )

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tracker.deepvue import DeepvueClient
 from tracker.logs import SecretScrubber
-from tracker.services import open_services, read_only_services
+from tracker.services import open_api, open_services, read_only_services
 from tracker.settings import Settings, SettingsError
 from tracker.sweep import Sweeper
 
@@ -43,13 +45,27 @@ def test_the_views_need_no_credentials_and_read_the_shared_budget(tmp_path: Path
     }
 
 
-def test_sweeping_commands_need_credentials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("opener", [open_services, open_api])
+def test_commands_that_call_deepvue_need_credentials(tmp_path: Path, opener: Any) -> None:
     async def main() -> None:
-        async with open_services(_settings(tmp_path), SecretScrubber()):
+        async with opener(_settings(tmp_path), SecretScrubber()):
             pass
 
     with pytest.raises(SettingsError, match="TRACKER_CLIENT_ID"):
         asyncio.run(main())
+
+
+def test_the_api_services_give_a_migrated_store_and_the_client(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, client_id="me", client_secret="s")
+
+    async def main() -> None:
+        async with open_api(settings, SecretScrubber()) as api:
+            assert isinstance(api.client, DeepvueClient)
+            assert api.store.enqueue("r1")
+
+    asyncio.run(main())
+    views = read_only_services(settings)
+    assert views.store.count_by_state() == {"pending": 1}
 
 
 def test_the_services_sweep_with_nothing_due_and_no_call_made(tmp_path: Path) -> None:
