@@ -33,14 +33,16 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 
 class Harness:
-    """A Sweeper over `store` and the fake, and what the tests look at."""
+    """Sweepers over `store`, the fake and `budget`, and what the tests look at."""
 
-    def __init__(self, store: Store, fake: FakeDeepvue, output_dir: Path) -> None:
+    def __init__(
+        self, store: Store, fake: FakeDeepvue, budget: MemoryBudget, output_dir: Path
+    ) -> None:
         self.store = store
         self.fake = fake
+        self.budget = budget
         self.output_dir = output_dir
-        self.budget = MemoryBudget(plan_windows(1000, 100000, 1000000))
-        self.throttle = Throttle(self.budget)
+        self.throttle = Throttle(budget)
         self.stopping = asyncio.Event()
 
     @asynccontextmanager
@@ -73,10 +75,27 @@ class Harness:
     async def calls_used(self) -> int:
         return (await self.budget.usage())["day"][0]
 
+    def paused_for(self) -> float:
+        return self.throttle.paused_for()
+
+    def stop(self) -> None:
+        """What the daemon's signal handler does."""
+        self.stopping.set()
+
 
 @pytest.fixture
-def harness(store: Store, tmp_path: Path) -> Harness:
-    return Harness(store, FakeDeepvue(), tmp_path / "out")
+def fake() -> FakeDeepvue:
+    return FakeDeepvue()
+
+
+@pytest.fixture
+def budget() -> MemoryBudget:
+    return MemoryBudget(plan_windows(1000, 100000, 1000000))
+
+
+@pytest.fixture
+def harness(store: Store, fake: FakeDeepvue, budget: MemoryBudget, tmp_path: Path) -> Harness:
+    return Harness(store, fake, budget, tmp_path / "out")
 
 
 def _update_row(store: Store, request_id: str, **values: Any) -> None:
@@ -93,13 +112,15 @@ async def _until(condition: Any) -> None:
             await asyncio.sleep(0.01)
 
 
-def test_a_batch_goes_from_pending_to_completed_to_its_file_on_disk(harness: Harness) -> None:
-    harness.store.enqueue("b1")
-    harness.fake.script("b1", in_progress("b1"), completed("b1"))
+def test_a_batch_goes_from_pending_to_completed_to_its_file_on_disk(
+    harness: Harness, store: Store, fake: FakeDeepvue
+) -> None:
+    store.enqueue("b1")
+    fake.script("b1", in_progress("b1"), completed("b1"))
 
     async def main() -> tuple[SweepReport, SweepReport]:
         first = await harness.sweep()
-        _update_row(harness.store, "b1", next_check_at=datetime.now(UTC) - timedelta(seconds=1))
+        _update_row(store, "b1", next_check_at=datetime.now(UTC) - timedelta(seconds=1))
         return first, await harness.sweep()
 
     first, second = asyncio.run(main())
@@ -110,25 +131,27 @@ def test_a_batch_goes_from_pending_to_completed_to_its_file_on_disk(harness: Har
     assert row.file_path is not None
     assert Path(row.file_path).read_bytes() == b"id,b1\n"
     assert row.file_size == 6
-    assert [(t.from_state, t.to_state) for t in harness.store.history(row.id)] == [
+    assert [(t.from_state, t.to_state) for t in store.history(row.id)] == [
         ("pending", "processing"),
         ("processing", "ready"),
         ("ready", "downloaded"),
     ]
-    assert harness.fake.status_calls == ["b1", "b1"]
-    assert harness.fake.file_requests == ["b1"]
+    assert fake.status_calls == ["b1", "b1"]
+    assert fake.file_requests == ["b1"]
 
 
-def test_a_429_pause_hands_the_backlog_back(harness: Harness) -> None:
-    harness.store.enqueue_many(["a", "b", "c"])
-    harness.fake.script("a", rate_limited(retry_after="300"))
+def test_a_429_pause_hands_the_backlog_back(
+    harness: Harness, store: Store, fake: FakeDeepvue
+) -> None:
+    store.enqueue_many(["a", "b", "c"])
+    fake.script("a", rate_limited(retry_after="300"))
 
     with capture_logs() as logs:
         report = asyncio.run(harness.sweep(concurrency=1))
 
     assert report.paused
     # One call went out and drew the 429; the batch claimed beside it never started.
-    assert harness.fake.status_calls == ["a"]
+    assert fake.status_calls == ["a"]
     assert report.claimed == 2
     handed_back = [e for e in logs if e["event"] == "sweep.paused_handed_back"]
     assert [e["batches"] for e in handed_back] == [1]
@@ -143,22 +166,24 @@ def test_a_429_pause_hands_the_backlog_back(harness: Harness) -> None:
         assert rows[untouched].lease_owner is None
     # The permit reserved for the batch handed back went back to the budget.
     assert asyncio.run(harness.calls_used()) == 1
-    assert harness.throttle.paused_for() == pytest.approx(300, abs=5)
+    assert harness.paused_for() == pytest.approx(300, abs=5)
 
 
-def test_a_stop_during_a_sweep_hands_back_what_has_not_started(harness: Harness) -> None:
-    harness.store.enqueue_many(["a", "b", "c"])
-    harness.fake.latency = 0.3  # "a" is in flight when the stop comes
+def test_a_stop_during_a_sweep_hands_back_what_has_not_started(
+    harness: Harness, store: Store, fake: FakeDeepvue
+) -> None:
+    store.enqueue_many(["a", "b", "c"])
+    fake.latency = 0.3  # "a" is in flight when the stop comes
 
     async def main() -> SweepReport:
         async with harness.sweeper(concurrency=1) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
-            await _until(lambda: harness.fake.status_in_flight == 1)
-            harness.stopping.set()
+            await _until(lambda: fake.status_in_flight == 1)
+            harness.stop()
             return await asyncio.wait_for(sweep, 10)
 
     report = asyncio.run(main())
-    assert harness.fake.status_calls == ["a"]
+    assert fake.status_calls == ["a"]
     assert (report.claimed, report.checked) == (2, 1)
     rows = harness.rows()
     # The check in flight finished within the grace period; the one claimed ahead went back.
@@ -168,44 +193,50 @@ def test_a_stop_during_a_sweep_hands_back_what_has_not_started(harness: Harness)
     assert asyncio.run(harness.calls_used()) == 1
 
 
-def test_concurrent_status_calls_never_exceed_the_worker_slots(harness: Harness) -> None:
-    harness.store.enqueue_many([f"open-{n}" for n in range(20)])
-    harness.fake.latency = 0.05
+def test_concurrent_status_calls_never_exceed_the_worker_slots(
+    harness: Harness, store: Store, fake: FakeDeepvue
+) -> None:
+    store.enqueue_many([f"open-{n}" for n in range(20)])
+    fake.latency = 0.05
 
     report = asyncio.run(harness.sweep(concurrency=3))
 
     assert report.checked == 20
-    assert harness.fake.most_status_in_flight == 3
+    assert fake.most_status_in_flight == 3
 
 
-def test_a_lease_lost_during_the_download_is_a_conflict(harness: Harness) -> None:
-    harness.store.enqueue("done-x")
-    harness.fake.held["done-x"] = asyncio.Event()
+def test_a_lease_lost_during_the_download_is_a_conflict(
+    harness: Harness, store: Store, fake: FakeDeepvue, tmp_path: Path
+) -> None:
+    store.enqueue("done-x")
+    fake.held["done-x"] = asyncio.Event()
 
     async def main() -> SweepReport:
         async with harness.sweeper() as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
-            await _until(lambda: harness.fake.file_requests == ["done-x"])
+            await _until(lambda: fake.file_requests == ["done-x"])
             # Another instance takes the batch over while its file is on the way.
             _update_row(
-                harness.store,
+                store,
                 "done-x",
                 lease_owner="someone-else",
                 lease_token=batches.c.lease_token + 1,
             )
-            harness.fake.held["done-x"].set()
+            fake.held["done-x"].set()
             return await asyncio.wait_for(sweep, 10)
 
     report = asyncio.run(main())
     assert (report.conflicts, report.downloaded) == (1, 0)
     row = harness.rows()["done-x"]
     assert (row.state, row.lease_owner, row.file_path) == ("ready", "someone-else", None)
-    assert list(harness.output_dir.iterdir()) == []
+    assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_an_auth_failure_pauses_the_throttle_and_penalises_no_batch(harness: Harness) -> None:
-    harness.store.enqueue_many(["a", "b"])
-    harness.fake.authorize_override = lambda request: httpx.Response(
+def test_an_auth_failure_pauses_the_throttle_and_penalises_no_batch(
+    harness: Harness, store: Store, fake: FakeDeepvue, budget: MemoryBudget
+) -> None:
+    store.enqueue_many(["a", "b"])
+    fake.authorize_override = lambda request: httpx.Response(
         401, json={"detail": "Invalid client_id or client_secret"}
     )
 
@@ -213,31 +244,35 @@ def test_an_auth_failure_pauses_the_throttle_and_penalises_no_batch(harness: Har
 
     assert report.auth_failed
     assert (report.checked, report.transitions, report.errors) == (0, 0, 0)
-    assert harness.fake.status_calls == []
+    assert fake.status_calls == []
     for row in harness.rows().values():
         assert (row.state, row.checks, row.faults, row.lease_owner) == ("pending", 0, 0, None)
         assert row.last_error is None
     # Later sweeps stay quiet for the backoff period, here and (through the budget) elsewhere.
-    assert harness.throttle.paused_for() == pytest.approx(30, abs=1)
-    assert asyncio.run(harness.budget.reserve(1)).granted == 0
+    assert harness.paused_for() == pytest.approx(30, abs=1)
+    assert asyncio.run(budget.reserve(1)).granted == 0
 
 
 def test_a_stop_while_the_claim_runs_hands_back_everything_it_claimed(
-    harness: Harness, monkeypatch: pytest.MonkeyPatch
+    harness: Harness,
+    store: Store,
+    fake: FakeDeepvue,
+    budget: MemoryBudget,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    harness.store.enqueue_many(["a", "b"])
-    reserve = harness.budget.reserve
+    store.enqueue_many(["a", "b"])
+    reserve = budget.reserve
 
     async def reserve_then_stop(want: int) -> Grant:
-        harness.stopping.set()  # the signal arrives while the claim transaction runs
+        harness.stop()  # the signal arrives while the claim transaction runs
         return await reserve(want)
 
-    monkeypatch.setattr(harness.budget, "reserve", reserve_then_stop)
+    monkeypatch.setattr(budget, "reserve", reserve_then_stop)
 
     report = asyncio.run(harness.sweep())
 
     assert report.claimed == 2
-    assert harness.fake.status_calls == []
+    assert fake.status_calls == []
     for row in harness.rows().values():
         assert (row.state, row.checks, row.lease_owner) == ("pending", 0, None)
     assert asyncio.run(harness.calls_used()) == 0
