@@ -61,13 +61,12 @@ def _logging(settings: Settings) -> Any:
 
 def _store(settings: Settings, *, migrate: bool = False) -> Store:
     from tracker.db import create_engine_for, upgrade_database
-    from tracker.store import Store
+    from tracker.services import make_store
 
     engine = create_engine_for(settings.database_url)
     if migrate:
         upgrade_database(engine)
-    # A batch an operator cancels here is queued for the on-final hook like any other.
-    return Store(engine, final_hook=settings.on_final is not None)
+    return make_store(settings, engine)
 
 
 def _now() -> Any:
@@ -126,15 +125,15 @@ def _exit_before_start(signum: int, frame: FrameType | None) -> None:
 def cmd_sweep(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tracker.daemon import open_sweeper
+    from tracker.services import open_services
 
     settings = _settings(args)
     settings.require_credentials()
     scrubber = _logging(settings)
-    store = _store(settings, migrate=True)
 
     async def one_pass() -> Any:
-        async with open_sweeper(settings, store, scrubber) as sweeper:
+        async with open_services(settings, scrubber) as services:
+            sweeper = services.sweeper
             return await sweeper.sweep()
 
     report = asyncio.run(one_pass())
@@ -245,20 +244,15 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from tracker.budget import DatabaseBudget
-    from tracker.domain.quota import plan_windows
+    from tracker.services import read_only_services
     from tracker.views.render import print_status
     from tracker.views.snapshots import collect_status
 
     settings = _settings(args)
     _logging(settings)
-    store = _store(settings)
     # Read, never reserved from: the budget every instance sharing the database draws on.
-    budget = DatabaseBudget(
-        store.engine,
-        plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
-    )
-    print_status(collect_status(store, budget), as_json=args.json)
+    services = read_only_services(settings)
+    print_status(collect_status(services.store, services.budget), as_json=args.json)
     return EXIT_OK
 
 
@@ -336,8 +330,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     import asyncio
 
-    from tracker.daemon import open_sweeper
     from tracker.deepvue import AuthFailed, SubmitFailed
+    from tracker.services import open_api
 
     settings = _settings(args)
     settings.require_credentials()
@@ -345,18 +339,19 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if not args.file.is_file():
         print(f"tracker: submit: no such file: {args.file}", file=sys.stderr)
         return EXIT_USAGE
-    store = _store(settings, migrate=True)
 
-    async def upload() -> str:
-        async with open_sweeper(settings, store, scrubber) as sweeper:
-            return await sweeper.client.submit_upi_batch(args.file)
+    async def upload_and_track() -> str:
+        async with open_api(settings, scrubber) as api:
+            client, store = api.client, api.store
+            request_id = await client.submit_upi_batch(args.file)
+            await asyncio.to_thread(store.enqueue, request_id, label=args.label)
+            return request_id
 
     try:
-        request_id = asyncio.run(upload())
+        request_id = asyncio.run(upload_and_track())
     except (SubmitFailed, AuthFailed) as error:
         print(f"tracker: submit failed: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    store.enqueue(request_id, label=args.label)
     print(f"submitted {args.file.name} as {request_id}; tracking it")
     return EXIT_OK
 

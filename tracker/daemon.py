@@ -11,35 +11,31 @@ import contextlib
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
 
-from tracker.budget import DatabaseBudget
 from tracker.clock import DatabaseClock
 from tracker.db import create_engine_for, describe_db_error, upgrade_database
-from tracker.deepvue import DeepvueClient, Throttle, make_api_http_client, make_api_transport
-from tracker.domain.model import PollPolicy
-from tracker.domain.quota import plan_windows
-from tracker.download import Downloader
-from tracker.file_transport import make_download_http_client
 from tracker.health import health_problem
 from tracker.instance import boot_identity, dead_predecessors, instance_name
 from tracker.listen import listen_for_new_batches
-from tracker.logs import SecretScrubber
 from tracker.notify import Notifier
-from tracker.settings import Settings
-from tracker.store import Store
-from tracker.sweep import Sweeper
+from tracker.services import make_store, open_services
 
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from tracker.budget import Throttle
+    from tracker.domain.model import PollPolicy
+    from tracker.logs import SecretScrubber
     from tracker.metrics import Metrics
+    from tracker.settings import Settings
+    from tracker.store import Store
+    from tracker.sweep import Sweeper
 
 log = structlog.get_logger("tracker.daemon")
 
@@ -50,84 +46,20 @@ GAUGE_REFRESH_SECONDS = 15.0
 LEFTOVERS_INTERVAL_SECONDS = 600.0
 
 
-@asynccontextmanager
-async def open_sweeper(
-    settings: Settings,
-    store: Store,
-    scrubber: SecretScrubber,
-    *,
-    policy: PollPolicy | None = None,
-    metrics: Metrics | None = None,
-    clock: DatabaseClock | None = None,
-    owner: str | None = None,
-) -> AsyncIterator[Sweeper]:
-    """A Sweeper with its HTTP clients, closed again on exit.
-
-    Its clock is the database's (`clock`, or one read now): due times, leases and the
-    maximum age must mean the same on every host sharing the database.
-    """
-    settings.require_credentials()
-    if clock is None:
-        clock = DatabaseClock(await asyncio.to_thread(store.database_now))
-
-    def read_secret() -> str:
-        secret = settings.read_client_secret()
-        scrubber.add(secret)
-        return secret
-
-    # The budget lives in the database: shared by every instance, kept across restarts.
-    throttle = Throttle(
-        DatabaseBudget(
-            store.engine,
-            plan_windows(settings.rate_per_second, settings.rate_per_minute, settings.rate_per_day),
-        )
-    )
-    api_transport = make_api_transport()
-    async with (
-        make_api_http_client(settings.http_timeout, api_transport) as api_http,
-        # A separate client for the file host: it must never carry the API's credentials.
-        make_download_http_client(settings.http_timeout) as download_http,
-    ):
-        client = DeepvueClient(
-            api_http,
-            base_url=settings.api_base_url,
-            client_id=settings.client_id or "",
-            read_secret=read_secret,
-            throttle=throttle,
-            status_transport=api_transport,
-            max_retry_after=settings.max_retry_after,
-        )
-        downloader = Downloader(
-            download_http,
-            output_dir=settings.output_dir,
-            allowed_hosts=settings.download_allowed_hosts,
-            file_mode=settings.file_mode,
-            deadline=settings.download_deadline,
-            max_file_size=settings.max_file_size,
-        )
-        yield Sweeper(
-            store=store,
-            client=client,
-            downloader=downloader,
-            policy=policy or settings.poll_policy,
-            owner=owner or instance_name(),
-            clock=clock.now,
-            concurrency=settings.concurrency,
-            download_concurrency=settings.download_concurrency,
-            lease_seconds=settings.lease_duration,
-            shutdown_grace=settings.shutdown_grace,
-            metrics=metrics,
-        )
-
-
 class Daemon:
     """Runs sweeps on an interval until told to stop."""
 
     def __init__(
         self,
         sweeper: Sweeper,
-        sweep_interval: float,
         *,
+        store: Store,
+        throttle: Throttle,
+        owner: str,
+        stopping: asyncio.Event,
+        max_age: float,
+        shutdown_grace: float,
+        sweep_interval: float,
         clock: DatabaseClock,
         heartbeat_timeout: float = 30.0,
         on_final: str | None = None,
@@ -138,7 +70,16 @@ class Daemon:
         leftovers_dir: Path | None = None,
         leftovers_age: float = 3600.0,
     ) -> None:
-        self.sweeper = sweeper
+        """`sweeper` sweeps `store` as `owner`, calling through `throttle`; `stopping`, the
+        event the sweeper winds down on, is set here on a signal. `max_age` is the poll
+        policy's, for when the next check falls due."""
+        self._sweeper = sweeper
+        self._store = store
+        self._throttle = throttle
+        self._owner = owner
+        self._stopping = stopping
+        self._max_age = max_age
+        self._shutdown_grace = shutdown_grace
         self.clock = clock
         self.heartbeat_timeout = heartbeat_timeout
         self.notifier = notifier
@@ -179,12 +120,13 @@ class Daemon:
         last swept (during a long sweep: when its work last moved, for `tracker check`),
         and brings the database's clock back for the due times and leases compared here.
         """
-        store = self.sweeper.store
-        if self._current is not None and self.sweeper.progress != self._progress_seen:
-            self._progress_seen = self.sweeper.progress
+        store = self._store
+        progress = self._sweeper.progress
+        if self._current is not None and progress != self._progress_seen:
+            self._progress_seen = progress
             self.last_sweep_at = self.clock.now()
         try:
-            now = await asyncio.to_thread(store.heartbeat, self.sweeper.owner, self.last_sweep_at)
+            now = await asyncio.to_thread(store.heartbeat, self._owner, self.last_sweep_at)
             self.clock.sync(now)
             freed = await asyncio.to_thread(store.free_silent_instances, self.heartbeat_timeout)
         except sa.exc.SQLAlchemyError as error:
@@ -202,7 +144,7 @@ class Daemon:
 
     def wake(self) -> None:
         """Sweep now (a new batch was inserted), or again right after the running sweep."""
-        if self.sweeper.stopping.is_set():
+        if self._stopping.is_set():
             return
         if self._current is not None:
             self._again = True
@@ -220,7 +162,7 @@ class Daemon:
         self._idle.clear()
         try:
             self._again = True
-            while self._again and not self.sweeper.stopping.is_set():
+            while self._again and not self._stopping.is_set():
                 self._again = False
                 if not await self._sweep_once():
                     break
@@ -235,7 +177,7 @@ class Daemon:
         if loop.time() < self._next_try:
             return False
         try:
-            report = await self.sweeper.sweep()
+            report = await self._sweeper.sweep()
             now = self.clock.now()
             self.last_sweep_at = now
             if not self._sweep_recorded:
@@ -278,12 +220,10 @@ class Daemon:
         The interval tick is only the safety net: a batch due in 0.5 s is looked at in 0.5 s
         (or when the budget allows), not at the next interval.
         """
-        due = await asyncio.to_thread(
-            self.sweeper.store.next_check_due, now, self.sweeper.policy.max_age
-        )
+        due = await asyncio.to_thread(self._store.next_check_due, now, self._max_age)
         if due is None:
             return
-        delay = max((due - now).total_seconds(), self.sweeper.client.throttle.wait_time(), 0.01)
+        delay = max((due - now).total_seconds(), self._throttle.wait_time(), 0.01)
         if delay >= self.sweep_interval:
             return
         if self._timer is not None:
@@ -291,13 +231,13 @@ class Daemon:
         self._timer = asyncio.get_running_loop().call_later(delay, self.wake)
 
     async def _run_final_hooks(self) -> None:
-        if self.on_final is None or self.sweeper.stopping.is_set():
+        if self.on_final is None or self._stopping.is_set():
             return
         from tracker.hooks import run_final_hook
 
         try:
-            while not self.sweeper.stopping.is_set():
-                batches = await asyncio.to_thread(self.sweeper.store.claim_final_hooks, 8)
+            while not self._stopping.is_set():
+                batches = await asyncio.to_thread(self._store.claim_final_hooks, 8)
                 if not batches:
                     return
                 outcomes = await asyncio.gather(
@@ -328,7 +268,7 @@ class Daemon:
             await asyncio.to_thread(
                 remove_stale_temp_files,
                 self.leftovers_dir,
-                self.sweeper.store,
+                self._store,
                 self.leftovers_age,
             )
         except (sa.exc.SQLAlchemyError, OSError) as error:
@@ -349,8 +289,9 @@ class Daemon:
             recent = max(3 * self.sweep_interval, 2 * interval)
             alive = self._last_tick_end is not None and loop.time() - self._last_tick_end < recent
         else:
-            alive = self.sweeper.progress != self._progress_at_ping
-            self._progress_at_ping = self.sweeper.progress
+            progress = self._sweeper.progress
+            alive = progress != self._progress_at_ping
+            self._progress_at_ping = progress
         if alive:
             self.notifier.watchdog()
         else:
@@ -360,11 +301,11 @@ class Daemon:
         """Cluster-wide figures for the metrics endpoint, from the database."""
         if self.metrics is None:
             return
-        store = self.sweeper.store
+        store = self._store
         try:
             counts = await asyncio.to_thread(store.count_by_state)
             oldest = await asyncio.to_thread(store.oldest_unfinished)
-            usage = await self.sweeper.client.throttle.usage()
+            usage = await self._throttle.usage()
         except sa.exc.SQLAlchemyError as error:
             log.warning("metrics.refresh_failed", error=describe_db_error(error))
             return
@@ -376,12 +317,12 @@ class Daemon:
     def request_stop(self) -> None:
         """First signal: stop claiming, let work finish. Second: cut in-flight work short."""
         self._signals += 1
-        self.sweeper.stopping.set()
+        self._stopping.set()
         self.stopped.set()
         if self._signals == 1:
             if self.notifier is not None:
                 self.notifier.stopping()
-            log.info("daemon.stopping", grace=self.sweeper.shutdown_grace)
+            log.info("daemon.stopping", grace=self._shutdown_grace)
         else:
             log.warning("daemon.stopping_now")
             if self._current is not None:
@@ -425,7 +366,7 @@ class Daemon:
         if self.notifier is not None:
             # Migrations are applied and the database answered before we got here.
             self.notifier.ready(status="started; first sweep running")
-        log.info("daemon.started", owner=self.sweeper.owner, sweep_interval=self.sweep_interval)
+        log.info("daemon.started", owner=self._owner, sweep_interval=self.sweep_interval)
         try:
             await self.stopped.wait()
         finally:
@@ -433,7 +374,7 @@ class Daemon:
             # Shutting the scheduler down now would cancel that tick mid-work, so it waits.
             scheduler.pause()
             try:
-                await asyncio.wait_for(self._idle.wait(), self.sweeper.shutdown_grace + 10)
+                await asyncio.wait_for(self._idle.wait(), self._shutdown_grace + 10)
             except TimeoutError:  # only bounds a hang
                 if self._current is not None:
                     self._current.cancel()
@@ -479,11 +420,7 @@ async def run_service(
     try:
         if not await _until_database_answers(engine, early_stop) or early_stop.is_set():
             return
-        store = Store(
-            engine,
-            final_hook=settings.on_final is not None,
-            refused_retry=settings.poll_max_interval,
-        )
+        store = make_store(settings, engine)
         metrics = None
         if settings.metrics_addr:
             # Imported only when asked for: prometheus_client and aiohttp.web cost memory.
@@ -492,12 +429,25 @@ async def run_service(
             metrics = Metrics()
         owner = instance_name()
         clock = DatabaseClock(await _register(store, owner))
-        async with open_sweeper(
-            settings, store, scrubber, policy=policy, metrics=metrics, clock=clock, owner=owner
-        ) as sweeper:
+        policy = policy or settings.poll_policy
+        async with open_services(
+            settings,
+            scrubber,
+            store=store,
+            policy=policy,
+            metrics=metrics,
+            clock=clock,
+            owner=owner,
+        ) as services:
             daemon = Daemon(
-                sweeper,
-                settings.sweep_interval,
+                services.sweeper,
+                store=store,
+                throttle=services.throttle,
+                owner=owner,
+                stopping=services.stopping,
+                max_age=policy.max_age,
+                shutdown_grace=settings.shutdown_grace,
+                sweep_interval=settings.sweep_interval,
                 clock=clock,
                 heartbeat_timeout=settings.heartbeat_timeout,
                 on_final=settings.on_final,
@@ -538,7 +488,7 @@ async def run_service(
                 if metrics_server is not None:
                     await metrics_server.cleanup()
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
-                    await asyncio.to_thread(store.mark_stopped, sweeper.owner)
+                    await asyncio.to_thread(store.mark_stopped, owner)
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)

@@ -1,10 +1,10 @@
 """The Deepvue API edge: authorize, cache the token, ask for a batch's status.
 
-Everything that decides what an answer means lives in `tracker.domain.answers`; this module
-only does the HTTP, the token life cycle and the shared rate limiting, and turns each answer
-into a `StatusAnswer` (or raises `AuthFailed` when the credentials themselves are refused,
-and `CallsPaused` when no call may start for longer than a worker should hold on to a
-claimed batch).
+Everything that decides what an answer means lives in `tracker.domain.answers`, and the
+rate limiting in `tracker.budget.Throttle` (every call takes a permit from it); this module
+only does the HTTP and the token life cycle, and turns each answer into a `StatusAnswer`
+(or raises `AuthFailed` when the credentials themselves are refused, and `CallsPaused`
+when no call may start for longer than a worker should hold on to a claimed batch).
 
 Secrets: the client secret (also sent as `x-api-key`) and the access token never appear in an
 exception message, a log event or a `StatusAnswer`; anything the server echoes is scrubbed.
@@ -17,12 +17,10 @@ import base64
 import binascii
 import dataclasses
 import json
-import math
 import random
 import re
-import time
 import zlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +30,7 @@ import httpx
 import structlog
 
 from tracker import __version__
+from tracker.budget import CallsPaused
 from tracker.domain.answers import (
     Outcome,
     StatusAnswer,
@@ -42,16 +41,13 @@ from tracker.domain.answers import (
 from tracker.domain.redact import redact, redact_secrets_in_bytes
 
 if TYPE_CHECKING:
-    from tracker.budget import Budget
-    from tracker.domain.quota import Grant
+    from tracker.budget import Throttle
 
 __all__ = [
     "MAX_ANSWER_BYTES",
     "AuthFailed",
-    "CallsPaused",
     "DeepvueClient",
     "SubmitFailed",
-    "Throttle",
     "make_api_http_client",
     "make_api_transport",
 ]
@@ -75,12 +71,6 @@ _BACKOFF_CAP = 60.0
 # Honour Retry-After up to this by default (TRACKER_MAX_RETRY_AFTER): a garbled huge value
 # must not silence the service for good.
 DEFAULT_MAX_RETRY_AFTER = 3600.0
-# The longest wait for a permit that a call sleeps through by default; beyond it the throttle
-# raises CallsPaused, so that the caller can hand its batch back instead of holding it.
-DEFAULT_LONGEST_WAIT = 5.0
-# Never sleep less than this in the throttle loop: float rounding can leave a wait of 1e-12 s,
-# which a clock might not advance past, turning the loop into a spin.
-_MIN_SLEEP = 0.001
 # Statuses with which /v1/authorize refuses the credentials themselves (documented: 401
 # invalid, 400 inactive client; 403 no access; 422 a malformed form, which retrying won't fix).
 _AUTHORIZE_REFUSED = frozenset({400, 401, 403, 422})
@@ -104,163 +94,6 @@ class AuthFailed(Exception):
 
 class SubmitFailed(Exception):
     """Deepvue did not accept an uploaded batch file; the message says why."""
-
-
-class CallsPaused(Exception):
-    """No call may start for `seconds` more: longer than the throttle's `longest_wait`.
-
-    Raised instead of sleeping through a 429's pause (here or, through the shared budget,
-    in another instance) or a long wait for the quota, so that a worker does not sit on a
-    claimed batch meanwhile. Nothing was sent and nothing counted: the batch may be handed
-    back untouched. `Throttle.wait_time()` says when to try again.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"API calls paused for {seconds:.1f} s more")
-        self.seconds = seconds
-
-
-@dataclasses.dataclass
-class _Reservation:
-    reserved_at: float
-    grant: Grant
-    left: int
-
-
-class Throttle:
-    """Paces this process's status calls against a (possibly cluster-wide) Budget.
-
-    The sweep reserves permits for the batches it is about to claim; each status call then
-    takes one. Permits are used within `permit_ttl` of being reserved or given back: the
-    budget counted them at reservation time, and a permit used much later could push a
-    window over its limit. A 429 pauses the whole budget, not just this process.
-
-    `acquire()` sleeps through short waits (the per-second window); a wait longer than
-    `longest_wait` (a pause, or a spent minute or day) raises CallsPaused instead.
-    Create it inside the event loop that uses it.
-    """
-
-    def __init__(
-        self,
-        budget: Budget,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
-        permit_ttl: float = 0.1,
-        longest_wait: float = DEFAULT_LONGEST_WAIT,
-    ) -> None:
-        self._budget = budget
-        self._monotonic = monotonic
-        self._sleep = sleep
-        self._permit_ttl = permit_ttl
-        self._longest_wait = longest_wait
-        self._paused_until = -math.inf
-        self._free_at = -math.inf  # when the budget said the next permit may come
-        self._pool: list[_Reservation] = []
-
-    @property
-    def budget(self) -> Budget:
-        return self._budget
-
-    async def reserve(self, want: int) -> int:
-        """Reserve up to `want` permits for calls about to start; how many were granted."""
-        await self._expire_pool()
-        now = self._monotonic()
-        if want <= 0 or now < self._paused_until:
-            return 0
-        grant = await self._budget.reserve(want)
-        if grant.granted == 0:
-            self._free_at = self._monotonic() + grant.wait
-            return 0
-        self._pool.append(_Reservation(self._monotonic(), grant, grant.granted))
-        return grant.granted
-
-    async def give_back(self, count: int = 1) -> None:
-        """Return reserved permits that will not be used (a batch needed no status call)."""
-        while count > 0 and self._pool:
-            reservation = self._pool[0]
-            returned = min(count, reservation.left)
-            reservation.left -= returned
-            count -= returned
-            if reservation.left == 0:
-                self._pool.pop(0)
-            await self._budget.release(reservation.grant, returned)
-
-    @property
-    def longest_wait(self) -> float:
-        """The longest wait `acquire()` sleeps through rather than raising CallsPaused."""
-        return self._longest_wait
-
-    def check_paused(self) -> None:
-        """Raise CallsPaused if this process's own pause outlasts `longest_wait` (no I/O)."""
-        left = self._paused_until - self._monotonic()
-        if left > self._longest_wait:
-            raise CallsPaused(left)
-
-    async def acquire(self) -> None:
-        """Wait until a call may start and take its permit.
-
-        Raises CallsPaused, having taken nothing, when the wait would be longer than
-        `longest_wait`: the pool's permits then go back to the budget, since none of them
-        could be used in time.
-        """
-        while True:
-            await self._expire_pool()
-            now = self._monotonic()
-            if now < self._paused_until:
-                await self._wait(self._paused_until - now)
-                continue
-            if self._pool:
-                self._pool[0].left -= 1
-                if self._pool[0].left == 0:
-                    self._pool.pop(0)
-                return
-            grant = await self._budget.reserve(1)
-            if grant.granted:
-                return
-            # The budget may be paused by another instance: its wait covers that too.
-            self._free_at = self._monotonic() + grant.wait
-            await self._wait(grant.wait)
-
-    async def _wait(self, seconds: float) -> None:
-        if seconds > self._longest_wait:
-            await self._return_pool()
-            raise CallsPaused(seconds)
-        await self._sleep(max(seconds, _MIN_SLEEP))
-
-    async def pause(self, seconds: float) -> None:
-        """No call starts before now + seconds, in this process and in every other one."""
-        if not math.isfinite(seconds) or seconds <= 0:
-            return  # an infinite pause would stop the service for good; NaN means nothing
-        self._paused_until = max(self._paused_until, self._monotonic() + seconds)
-        await self._budget.pause(seconds)
-
-    def paused_for(self) -> float:
-        """Seconds left of this process's pause (0.0 when not paused).
-
-        A pause that another instance put on the shared budget is learnt by asking the
-        budget for a permit; it shows in `wait_time()`.
-        """
-        return max(self._paused_until - self._monotonic(), 0.0)
-
-    def wait_time(self) -> float:
-        """Seconds until a permit may be had, as last heard from the budget."""
-        now = self._monotonic()
-        return max(self._paused_until - now, self._free_at - now, 0.0)
-
-    async def usage(self) -> dict[str, tuple[int, int]]:
-        return await self._budget.usage()
-
-    async def _expire_pool(self) -> None:
-        now = self._monotonic()
-        while self._pool and now - self._pool[0].reserved_at > self._permit_ttl:
-            expired = self._pool.pop(0)
-            await self._budget.release(expired.grant, expired.left)
-
-    async def _return_pool(self) -> None:
-        while self._pool:
-            unused = self._pool.pop(0)
-            await self._budget.release(unused.grant, unused.left)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,11 +160,6 @@ class DeepvueClient:
         self._consecutive_429 = 0
         self._max_retry_after = max_retry_after
         self._max_answer_bytes = max_answer_bytes
-
-    @property
-    def throttle(self) -> Throttle:
-        """The throttle this client's calls go through (the sweep sizes its batches by it)."""
-        return self._throttle
 
     async def aclose(self) -> None:
         """Forget the token. The http client belongs to the caller, who closes it."""

@@ -14,24 +14,25 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 import structlog
 
+from tracker.budget import CallsPaused, Throttle
 from tracker.db import describe_db_error
-from tracker.deepvue import AuthFailed, CallsPaused, DeepvueClient
+from tracker.deepvue import AuthFailed, DeepvueClient
 from tracker.domain.model import DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
     decide_on_download_problem,
+    plan_download,
 )
 from tracker.domain.schedule import BudgetView, LoadHistory
-from tracker.domain.states import State
 from tracker.domain.urls import redact_url
 from tracker.download import (
     Downloader,
@@ -41,14 +42,9 @@ from tracker.download import (
     OwnershipLost,
     UrlExpired,
 )
-from tracker.store import (
-    BatchWrite,
-    LeaseExtension,
-    Store,
-    StoredFile,
-    WriteRefused,
-    connection_lost,
-)
+from tracker.group_commit import GroupCommit
+from tracker.store import BatchWrite, LeaseExtension, Store, StoredFile, WriteRefused
+from tracker.worker_slots import WorkerSlots
 
 if TYPE_CHECKING:
     from tracker.metrics import Metrics
@@ -65,84 +61,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class GroupCommit:
-    """Writes (and lease keep-alives) from concurrent workers, committed together while the
-    previous commit runs.
-
-    A worker awaits its own write and learns whether it still held its lease (or, with
-    WriteRefused, that this one write could not be applied). While one
-    transaction is in flight the next writes queue up and go in the following one, so
-    commits stay few under load and immediate when idle.
-
-    When the database is unreachable the group is retried with backoff for up to
-    `outage_patience` seconds, so a restart of PostgreSQL delays transitions instead of
-    losing them. Retrying is safe: every write is guarded by its lease token and the state
-    it read, so a write that did commit before the connection dropped cannot apply twice.
-    """
-
-    def __init__(
-        self,
-        store: Store,
-        clock: Callable[[], datetime],
-        *,
-        max_group: int = 256,
-        outage_patience: float = 60.0,
-    ) -> None:
-        self._store = store
-        self._clock = clock
-        self._max_group = max_group
-        self._outage_patience = outage_patience
-        self._queue: list[tuple[BatchWrite | LeaseExtension, asyncio.Future[bool]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-
-    async def write(self, write: BatchWrite | LeaseExtension) -> bool:
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._queue.append((write, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
-        while self._queue:
-            group = self._queue[: self._max_group]
-            del self._queue[: self._max_group]
-            try:
-                applied = await self._apply_with_retry([write for write, _ in group])
-            except Exception as error:
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(error)
-                continue
-            for (_, future), outcome in zip(group, applied, strict=True):
-                if future.done():
-                    continue
-                if isinstance(outcome, WriteRefused):
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
-
-    async def _apply_with_retry(
-        self, writes: list[BatchWrite | LeaseExtension]
-    ) -> list[bool | WriteRefused]:
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self._outage_patience
-        delay = 0.5
-        while True:
-            try:
-                return await asyncio.to_thread(self._store.apply, writes, self._clock())
-            except sa.exc.DBAPIError as error:
-                if not connection_lost(error) or loop.time() + delay > give_up_at:
-                    raise
-                log.warning(
-                    "db.unreachable",
-                    retry_in=delay,
-                    writes=len(writes),
-                    error=describe_db_error(error),
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
-
-
 @dataclass(frozen=True)
 class _Download:
     """A checked batch whose file is to be fetched now; it holds a download slot."""
@@ -152,77 +70,6 @@ class _Download:
     log: structlog.BoundLogger
     # An earlier fetch of this batch may have been killed and left a temp file behind.
     leftovers_possible: bool
-
-
-class _WorkerSlots:
-    """TRACKER_CONCURRENCY worker slots. A batch holds one while its status call is in
-    flight, and while, found complete, it waits for a download slot; not while its result
-    is being written (the group commit batches those) nor while its file downloads."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self.taken = 0
-        self._freed: asyncio.Future[None] | None = None
-
-    def free(self) -> int:
-        return self.size - self.taken
-
-    def take(self) -> Callable[[], None]:
-        """Take a slot; the function returned gives it back (once, however often called)."""
-        self.taken += 1
-        held = True
-
-        def give_back() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self.taken -= 1
-                if self._freed is not None and not self._freed.done():
-                    self._freed.set_result(None)
-
-        return give_back
-
-    def freed(self) -> asyncio.Future[None]:
-        """Done when a slot is given back (the sweep loop waits on it beside its tasks)."""
-        if self._freed is None or self._freed.done():
-            self._freed = asyncio.get_running_loop().create_future()
-        return self._freed
-
-
-@dataclass
-class _InFlight:
-    """The tasks of one sweep: checks (each holds a worker slot) and downloads."""
-
-    checking: dict[asyncio.Task[_Download | None], Tracked] = field(default_factory=dict)
-    downloading: dict[asyncio.Task[None], Tracked] = field(default_factory=dict)
-    # Claimed, with a call permit reserved, waiting for a worker slot.
-    backlog: deque[Tracked] = field(default_factory=deque)
-
-    def any(self) -> bool:
-        return bool(self.checking or self.downloading or self.backlog)
-
-    def tasks(self) -> list[asyncio.Task[Any]]:
-        return [*self.checking, *self.downloading]
-
-    def items(self) -> list[tuple[asyncio.Task[Any], Tracked]]:
-        return [*self.checking.items(), *self.downloading.items()]
-
-    def finished(self, task: asyncio.Task[Any]) -> _Download | BaseException | None:
-        """Forget a task that is done; what it left: a download to start, an error, or None."""
-        self.checking.pop(task, None)
-        self.downloading.pop(task, None)
-        if task.cancelled():
-            return None
-        error = task.exception()
-        if error is not None:
-            return error
-        result = task.result()
-        return result if isinstance(result, _Download) else None
-
-    def clear(self) -> None:
-        self.checking.clear()
-        self.downloading.clear()
-        self.backlog.clear()
 
 
 @dataclass
@@ -238,15 +85,229 @@ class SweepReport:
     paused: bool = False
 
 
+class _Pass:
+    """The loop state of one sweep, and the steps the loop takes over it.
+
+    Check tasks hold the worker slots. One that finds a file waits for a download slot,
+    then hands the batch to a download task, which runs on outside the worker slots: a
+    long file must not hold up status checks of other batches.
+    """
+
+    def __init__(
+        self,
+        sweeper: Sweeper,
+        *,
+        store: Store,
+        throttle: Throttle,
+        stopping: asyncio.Event,
+        download_slots: asyncio.Semaphore,
+        concurrency: int,
+        max_quota_wait: float,
+        shutdown_grace: float,
+    ) -> None:
+        # The sweeper does the work of each batch (its check, claim and download); this
+        # pass decides when, and hands back what is left.
+        self._sweeper = sweeper
+        self._store = store
+        self._throttle = throttle
+        self._stopping = stopping
+        self._download_slots = download_slots
+        self._max_quota_wait = max_quota_wait
+        self._shutdown_grace = shutdown_grace
+        self._loop = asyncio.get_running_loop()
+        self.report = SweepReport()
+        self._slots = WorkerSlots(concurrency)
+        self._checking: dict[asyncio.Task[_Download | None], Tracked] = {}
+        self._downloading: dict[asyncio.Task[None], Tracked] = {}
+        # Claimed, with a call permit reserved, waiting for a worker slot.
+        self._backlog: deque[Tracked] = deque()
+        # Claims run beside the work, so that slots freed meanwhile are refilled from the
+        # batches claimed ahead (a quarter of the slots) instead of waiting for a claim
+        # transaction; claims come in bites of a quarter of the slots or more.
+        self._ahead = max(1, concurrency // 4)
+        self._claiming: asyncio.Task[tuple[int, list[Tracked]]] | None = None
+        # When a claim last found fewer batches due than it asked for (loop time). While
+        # downloads keep the sweep going, it looks again now and then (reading only), so
+        # that checks falling due meanwhile are not held up by a long file.
+        self._exhausted_at: float | None = None
+        self._quota_at = -math.inf  # out of call permits until then (loop time)
+
+    async def refill(self) -> None:
+        """Start checks of the batches claimed ahead in the free worker slots; during a
+        pause, hand them back instead."""
+        report = self.report
+        if self._backlog and (report.paused or self._calls_paused()):
+            # A deliberate wait, not a hang: what has not started goes back now,
+            # for whichever instance is first to call once the pause is over.
+            report.paused = True
+            await self._hand_back_backlog()
+        while self._backlog and self._slots.free() > 0 and not self._stopping.is_set():
+            batch = self._backlog.popleft()
+            check = self._sweeper._check(batch, report, self._slots.take())
+            self._checking[asyncio.create_task(check)] = batch
+
+    def claim(self) -> bool:
+        """Start a claim if there is room for one; True when one has just come in."""
+        now = self._loop.time()
+        looked_lately = (
+            self._exhausted_at is not None and now - self._exhausted_at < LOOK_AGAIN_SECONDS
+        )
+        room = self._slots.free() + self._ahead - len(self._backlog)
+        if (
+            self._claiming is None
+            and self._may_claim()
+            and not looked_lately
+            and now >= self._quota_at
+            and (room >= self._ahead or not self._any())
+        ):
+            peek = self._exhausted_at is not None or not self._any()
+            self._claiming = asyncio.create_task(self._sweeper._claim(room, peek=peek))
+        if self._claiming is None or not self._claiming.done():
+            return False
+        want, claimed = self._claiming.result()
+        self._claiming = None
+        self.report.claimed += len(claimed)
+        self._sweeper._moved()
+        self._backlog.extend(claimed)
+        if want == 0:
+            # Out of permits: ask again when the budget says one comes free.
+            self._quota_at = self._loop.time() + max(self._throttle.wait_time(), 0.01)
+        else:
+            self._exhausted_at = self._loop.time() if len(claimed) < want else None
+        return True
+
+    async def wind_down(self) -> bool:
+        """Whether the pass is over: nothing in flight and nothing to claim now, or a stop
+        (in-flight work then finishes within the grace period and the rest goes back)."""
+        if not self._any() and self._claiming is None:
+            # Nothing in flight. Out of permits, wait for the next one when it is near
+            # (the per-second window), else finish and let a later sweep pick up the rest.
+            wait = self._quota_at - self._loop.time()
+            if (
+                not self._may_claim()
+                or self._exhausted_at is not None
+                or wait > self._max_quota_wait
+            ):
+                return True
+            await self._sleep_unless_stopping(wait)
+            return False
+        if not self._stopping.is_set():
+            return False
+        if self._claiming is not None:
+            self._backlog.extend((await self._claiming)[1])
+            self._claiming = None
+        await self._hand_back()
+        return True
+
+    async def absorb(self) -> None:
+        """Wait for a task to finish (or a slot, the claim, the next permit), then take in
+        what finished: start the downloads checks found, count the errors."""
+        slot_freed = self._slots.freed()
+        waiting_on: list[asyncio.Future[Any]] = [*self._tasks(), slot_freed]
+        if self._claiming is not None:
+            waiting_on.append(self._claiming)
+        # Wake for the next permit too, if the work in flight does not end first.
+        until_permit = self._quota_at - self._loop.time()
+        timeout = min(until_permit, 1.0) if until_permit > 0 else 1.0
+        done, _ = await asyncio.wait(
+            waiting_on, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in done:
+            if task is self._claiming or not isinstance(task, asyncio.Task):
+                continue  # the claim, or slot_freed: a loop turn is all they ask for
+            self._sweeper._moved()
+            outcome = self._finished(task)
+            if isinstance(outcome, _Download):
+                started = asyncio.create_task(self._sweeper._download(outcome, self.report))
+                self._downloading[started] = outcome.batch
+            elif isinstance(outcome, BaseException):
+                self._sweeper._on_worker_error(outcome, self.report)
+
+    async def close(self) -> None:
+        """After the loop, however it ended: cancelled from outside, hand the rest back."""
+        if self._claiming is not None:
+            self._claiming.cancel()
+        if self._any():
+            await self._hand_back(grace=0.0)
+
+    def _calls_paused(self) -> bool:
+        return self._throttle.wait_time() > self._max_quota_wait
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    def _may_claim(self) -> bool:
+        report = self.report
+        return not (self._stopping.is_set() or report.auth_failed or report.paused)
+
+    def _any(self) -> bool:
+        return bool(self._checking or self._downloading or self._backlog)
+
+    def _tasks(self) -> list[asyncio.Task[Any]]:
+        return [*self._checking, *self._downloading]
+
+    def _finished(self, task: asyncio.Task[Any]) -> _Download | BaseException | None:
+        """Forget a task that is done; what it left: a download to start, an error, or None."""
+        self._checking.pop(task, None)
+        self._downloading.pop(task, None)
+        if task.cancelled():
+            return None
+        error = task.exception()
+        if error is not None:
+            return error
+        result = task.result()
+        return result if isinstance(result, _Download) else None
+
+    async def _hand_back_backlog(self) -> None:
+        """Return the batches claimed ahead and not started, and their call permits."""
+        waiting = list(self._backlog)
+        self._backlog.clear()
+        await self._throttle.give_back(len(waiting))
+        released = await asyncio.to_thread(self._store.release, waiting)
+        log.info("sweep.paused_handed_back", batches=released)
+
+    async def _hand_back(self, grace: float | None = None) -> None:
+        """Let in-flight work finish within the grace period, then hand the rest back."""
+        grace = self._shutdown_grace if grace is None else grace
+        if self._backlog:
+            # Never started: their permits go back to the budget.
+            await self._throttle.give_back(len(self._backlog))
+        hand_back: list[Tracked] = list(self._backlog)
+        self._backlog.clear()
+        if grace > 0 and self._any():
+            await asyncio.wait(self._tasks(), timeout=grace)
+        for task, batch in [*self._checking.items(), *self._downloading.items()]:
+            if not task.done():
+                task.cancel()
+                hand_back.append(batch)
+        tasks = self._tasks()
+        if hand_back and tasks:  # (asyncio.wait refuses an empty list)
+            await asyncio.wait(tasks)
+        for task in list(self._checking):
+            outcome = self._finished(task)
+            if isinstance(outcome, _Download):
+                # A check that found a file after the stop began: no time is left to fetch it.
+                self._download_slots.release()
+                hand_back.append(outcome.batch)
+        self._checking.clear()
+        self._downloading.clear()
+        if hand_back:
+            released = await asyncio.to_thread(self._store.release, hand_back)
+            log.warning("sweep.handed_back", batches=released)
+
+
 class Sweeper:
     def __init__(
         self,
         *,
         store: Store,
         client: DeepvueClient,
+        throttle: Throttle,
         downloader: Downloader,
         policy: PollPolicy,
         owner: str,
+        stopping: asyncio.Event,
         concurrency: int,
         lease_seconds: float,
         download_concurrency: int | None = None,
@@ -256,30 +317,39 @@ class Sweeper:
         max_quota_wait: float = 5.0,
         metrics: Metrics | None = None,
     ) -> None:
-        self.store = store
-        self.client = client
-        self.downloader = downloader
-        self.policy = policy
-        self.owner = owner
-        self.concurrency = concurrency
+        """`throttle` is the one `client` calls through: the sweep reserves its permits
+        before claiming, and hands them back for batches it does not call about.
+        `stopping`, once set, stops claiming and winds the running sweep down within
+        `shutdown_grace` seconds."""
+        self._store = store
+        self._client = client
+        self._throttle = throttle
+        self._downloader = downloader
+        self._policy = policy
+        self._owner = owner
+        self._stopping = stopping
+        self._concurrency = concurrency
         # Downloads run beside the checks, not in their slots: a long file must not stop
         # status checks, and a check must not wait for another batch's file.
-        self.download_slots = asyncio.Semaphore(download_concurrency or concurrency)
-        self.lease_seconds = lease_seconds
-        self.shutdown_grace = shutdown_grace
-        self.rng = rng or random.Random()
-        self.clock = clock
-        self.max_quota_wait = max_quota_wait
-        self.metrics = metrics
+        self._download_slots = asyncio.Semaphore(download_concurrency or concurrency)
+        self._lease_seconds = lease_seconds
+        self._shutdown_grace = shutdown_grace
+        self._rng = rng or random.Random()
+        self._clock = clock
+        self._max_quota_wait = max_quota_wait
+        self._metrics = metrics
         self._view: BudgetView | None = None
         self._view_taken = -math.inf
-        self.stopping = asyncio.Event()
-        # Grows whenever work moves (a claim, a finished batch, a download's keep-alive), so
-        # the daemon can tell a long but healthy sweep from a wedged one.
-        self.progress = 0
+        self._progress = 0
         self._commit = GroupCommit(store, clock)
         self._orphaned_leases = False
         self._auth_backoff = 0.0
+
+    @property
+    def progress(self) -> int:
+        """Grows whenever work moves (a claim, a finished batch, a download's keep-alive),
+        so the daemon can tell a long but healthy sweep from a wedged one."""
+        return self._progress
 
     async def sweep(self) -> SweepReport:
         """Work every batch that is due now, then return.
@@ -291,111 +361,38 @@ class Sweeper:
             # An earlier sweep lost the database while holding leases; sweeps never overlap,
             # so none of that work is in flight now: hand them back instead of waiting out
             # the lease (TRACKER_LEASE_DURATION, 5 minutes by default).
-            released = await asyncio.to_thread(self.store.release_owned, self.owner)
+            released = await asyncio.to_thread(self._store.release_owned, self._owner)
             self._orphaned_leases = False
             if released:
                 log.warning("sweep.released_orphaned_leases", batches=released)
-        report = SweepReport()
         self._view = await self._budget_view()
-        # Check tasks hold the worker slots. One that finds a file waits for a download
-        # slot, then hands the batch to a download task, which runs on outside the worker
-        # slots: a long file must not hold up status checks of other batches.
-        work = _InFlight()
-        slots = _WorkerSlots(self.concurrency)
-        throttle = self.client.throttle
-        # Claims run beside the work, so that slots freed meanwhile are refilled from the
-        # batches claimed ahead (a quarter of the slots) instead of waiting for a claim
-        # transaction; claims come in bites of a quarter of the slots or more.
-        ahead = max(1, self.concurrency // 4)
-        claiming: asyncio.Task[tuple[int, list[Tracked]]] | None = None
-        # When a claim last found fewer batches due than it asked for (loop time). While
-        # downloads keep the sweep going, it looks again now and then (reading only), so
-        # that checks falling due meanwhile are not held up by a long file.
-        exhausted_at: float | None = None
-        loop = asyncio.get_running_loop()
-        quota_at = -math.inf  # out of call permits until then (loop time)
+        one_pass = _Pass(
+            self,
+            store=self._store,
+            throttle=self._throttle,
+            stopping=self._stopping,
+            download_slots=self._download_slots,
+            concurrency=self._concurrency,
+            max_quota_wait=self._max_quota_wait,
+            shutdown_grace=self._shutdown_grace,
+        )
         try:
             while True:
-                if work.backlog and (report.paused or self._calls_paused()):
-                    # A deliberate wait, not a hang: what has not started goes back now,
-                    # for whichever instance is first to call once the pause is over.
-                    report.paused = True
-                    await self._hand_back_backlog(work)
-                while work.backlog and slots.free() > 0 and not self.stopping.is_set():
-                    batch = work.backlog.popleft()
-                    check = self._check(batch, report, slots.take())
-                    work.checking[asyncio.create_task(check)] = batch
-                may_claim = not (self.stopping.is_set() or report.auth_failed or report.paused)
-                looked_lately = (
-                    exhausted_at is not None and loop.time() - exhausted_at < LOOK_AGAIN_SECONDS
-                )
-                room = slots.free() + ahead - len(work.backlog)
-                has_permits = loop.time() >= quota_at
-                if (
-                    claiming is None
-                    and may_claim
-                    and not looked_lately
-                    and has_permits
-                    and (room >= ahead or not work.any())
-                ):
-                    peek = exhausted_at is not None or not work.any()
-                    claiming = asyncio.create_task(self._claim(room, peek=peek))
-                if claiming is not None and claiming.done():
-                    want, claimed = claiming.result()
-                    claiming = None
-                    report.claimed += len(claimed)
-                    self.progress += 1
-                    work.backlog.extend(claimed)
-                    if want == 0:
-                        # Out of permits: ask again when the budget says one comes free.
-                        quota_at = loop.time() + max(throttle.wait_time(), 0.01)
-                    else:
-                        exhausted_at = loop.time() if len(claimed) < want else None
-                    continue
-                if not work.any() and claiming is None:
-                    # Nothing in flight. Out of permits, wait for the next one when it is
-                    # near (the per-second window), else finish and let a later sweep pick
-                    # up the rest.
-                    wait = quota_at - loop.time()
-                    if not may_claim or exhausted_at is not None or wait > self.max_quota_wait:
-                        break
-                    await self._sleep_unless_stopping(wait)
-                    continue
-                if self.stopping.is_set():
-                    if claiming is not None:
-                        work.backlog.extend((await claiming)[1])
-                        claiming = None
-                    await self._wind_down(work)
+                await one_pass.refill()
+                if one_pass.claim():
+                    continue  # refill from what came in before anything else
+                if await one_pass.wind_down():
                     break
-                slot_freed = slots.freed()
-                waiting_on: list[asyncio.Future[Any]] = [*work.tasks(), slot_freed]
-                if claiming is not None:
-                    waiting_on.append(claiming)
-                # Wake for the next permit too, if the work in flight does not end first.
-                until_permit = quota_at - loop.time()
-                timeout = min(until_permit, 1.0) if until_permit > 0 else 1.0
-                done, _ = await asyncio.wait(
-                    waiting_on, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    if task is claiming or not isinstance(task, asyncio.Task):
-                        continue  # the claim, or slot_freed: a loop turn is all they ask for
-                    self.progress += 1
-                    outcome = work.finished(task)
-                    if isinstance(outcome, _Download):
-                        started = asyncio.create_task(self._download(outcome, report))
-                        work.downloading[started] = outcome.batch
-                    elif isinstance(outcome, BaseException):
-                        self._on_worker_error(outcome, report)
+                await one_pass.absorb()
         except BaseException:
             self._orphaned_leases = True
             raise
         finally:
-            if claiming is not None:
-                claiming.cancel()
-            if work.any():  # cancelled from outside: hand the rest back
-                await self._wind_down(work, grace=0.0)
-        return report
+            await one_pass.close()
+        return one_pass.report
+
+    def _moved(self) -> None:
+        self._progress += 1
 
     async def _claim(self, room: int, *, peek: bool) -> tuple[int, list[Tracked]]:
         """Reserve call permits, then lease as many due batches: (permits, batches).
@@ -403,22 +400,23 @@ class Sweeper:
         With `peek`, first count what is due, so that a sweep with nothing to do (the usual
         idle sweep, or every due batch leased elsewhere) ends having written nothing.
         """
-        max_age = self.policy.max_age
+        max_age = self._policy.max_age
         if peek:
-            due = await asyncio.to_thread(self.store.count_due, room, self.clock(), max_age=max_age)
+            due = await asyncio.to_thread(
+                self._store.count_due, room, self._clock(), max_age=max_age
+            )
             if due == 0:
                 return room, []
             room = due
-        throttle = self.client.throttle
-        want = await throttle.reserve(room)
+        want = await self._throttle.reserve(room)
         if want <= 0:
             return 0, []
         # The claim reads the database's clock itself: leases are compared on one clock.
         claimed = await asyncio.to_thread(
-            self.store.claim_due, self.owner, want, self.lease_seconds, max_age=max_age
+            self._store.claim_due, self._owner, want, self._lease_seconds, max_age=max_age
         )
         if len(claimed) < want:
-            await throttle.give_back(want - len(claimed))
+            await self._throttle.give_back(want - len(claimed))
         return want, claimed
 
     def _on_worker_error(self, error: BaseException, report: SweepReport) -> None:
@@ -440,10 +438,10 @@ class Sweeper:
         if time.monotonic() - self._view_taken < BUDGET_VIEW_SECONDS:
             return self._view
         try:
-            ledger, budget_now = await self.client.throttle.budget.snapshot()
+            ledger, budget_now = await self._throttle.snapshot()
             since = datetime.fromtimestamp(budget_now - DAY_SECONDS, UTC)
             lifetimes, first_seen, open_batches = await asyncio.to_thread(
-                self.store.load_history, since
+                self._store.load_history, since
             )
         except sa.exc.SQLAlchemyError as error:
             log.warning("budget.view_failed", error=describe_db_error(error))
@@ -458,179 +456,124 @@ class Sweeper:
             ledger, budget_now, open_batches=max(open_batches, 1), load=load
         )
 
-    def _calls_paused(self) -> bool:
-        return self.client.throttle.wait_time() > self.max_quota_wait
-
-    async def _hand_back_backlog(self, work: _InFlight) -> None:
-        """Return the batches claimed ahead and not started, and their call permits."""
-        waiting = list(work.backlog)
-        work.backlog.clear()
-        await self.client.throttle.give_back(len(waiting))
-        released = await asyncio.to_thread(self.store.release, waiting)
-        log.info("sweep.paused_handed_back", batches=released)
-
-    async def _sleep_unless_stopping(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.stopping.wait(), seconds)
-
-    async def _wind_down(self, work: _InFlight, grace: float | None = None) -> None:
-        """Let in-flight work finish within the grace period, then hand the rest back."""
-        grace = self.shutdown_grace if grace is None else grace
-        if work.backlog:
-            # Never started: their permits go back to the budget.
-            await self.client.throttle.give_back(len(work.backlog))
-        hand_back: list[Tracked] = list(work.backlog)
-        work.backlog.clear()
-        if grace > 0 and work.any():
-            await asyncio.wait(work.tasks(), timeout=grace)
-        for task, batch in work.items():
-            if not task.done():
-                task.cancel()
-                hand_back.append(batch)
-        if hand_back:
-            await asyncio.wait(work.tasks())
-        for task in list(work.checking):
-            outcome = work.finished(task)
-            if isinstance(outcome, _Download):
-                # A check that found a file after the stop began: no time is left to fetch it.
-                self.download_slots.release()
-                hand_back.append(outcome.batch)
-        work.clear()
-        if hand_back:
-            released = await asyncio.to_thread(self.store.release, hand_back)
-            log.warning("sweep.handed_back", batches=released)
-
     async def _check(
         self, batch: Tracked, report: SweepReport, release_slot: Callable[[], None]
     ) -> _Download | None:
         """Look at one claimed batch and write back what it became.
 
         Returns the download to start when the batch is complete; by then the "ready"
-        transition is committed, the lease kept, and a download slot held.
+        transition is committed, the lease kept, and a download slot held. The worker slot
+        is given back as soon as the batch no longer needs it, and at the latest on return.
         """
         try:
-            return await self._look(batch, report, release_slot)
+            bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
+            settled = decide_before_call(batch, self._policy, self._clock())
+            if settled is not None:
+                # No status call for this one (malformed id, too old): its permit goes back.
+                release_slot()
+                await self._throttle.give_back(1)
+                await self._write(report, bound, BatchWrite(batch, settled))
+                return None
+
+            try:
+                answer = await self._client.batch_status(batch.request_id)
+            except AuthFailed as error:
+                await self._on_auth_failed(batch, report, str(error))
+                return None
+            except CallsPaused:
+                # Untouched: the batch is not at fault, and another instance may take it once
+                # the pause is over. The sweep hands back the rest of what it claimed.
+                report.paused = True
+                release_slot()
+                await asyncio.to_thread(self._store.release, [batch])
+                return None
+            self._auth_backoff = 0.0
+            report.checked += 1
+            if self._metrics is not None:
+                self._metrics.observe_status(answer.outcome.value)
+            decision = decide_on_answer(
+                batch, answer, self._policy, self._clock(), self._rng, budget=self._view
+            )
+            if answer.detail and decision.to_state is batch.state:
+                bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
+            plan = plan_download(batch, decision)
+            if plan is None:
+                release_slot()
+                await self._write(report, bound, BatchWrite(batch, decision))
+                return None
+
+            # Record "ready" before the download, and keep the lease while it runs.
+            if not await self._write(report, bound, BatchWrite(batch, plan.ready, keep_lease=True)):
+                return None
+            download = _Download(plan.batch, plan.url, bound, plan.leftovers_possible)
+            # Hold this worker slot until a download slot is free: when files arrive faster
+            # than they can be fetched, claiming more batches would only strand their leases.
+            while True:
+                try:
+                    async with asyncio.timeout(self._lease_seconds / 3):
+                        await self._download_slots.acquire()
+                    return download
+                except TimeoutError:
+                    if not await self._still_owner(download.batch):
+                        report.conflicts += 1
+                        bound.warning("download.ownership_lost")
+                        return None
         finally:
             release_slot()
 
-    async def _look(
-        self, batch: Tracked, report: SweepReport, release_slot: Callable[[], None]
-    ) -> _Download | None:
-        bound = log.bind(request_id=batch.request_id, batch_id=batch.id)
-        settled = decide_before_call(batch, self.policy, self.clock())
-        if settled is not None:
-            # No status call for this one (malformed id, too old): its permit goes back.
-            release_slot()
-            await self.client.throttle.give_back(1)
-            await self._write(report, bound, BatchWrite(batch, settled))
-            return None
-
-        try:
-            answer = await self.client.batch_status(batch.request_id)
-        except AuthFailed as error:
-            await self._on_auth_failed(batch, report, str(error))
-            return None
-        except CallsPaused:
-            # Untouched: the batch is not at fault, and another instance may take it once
-            # the pause is over. The sweep hands back the rest of what it claimed.
-            report.paused = True
-            release_slot()
-            await asyncio.to_thread(self.store.release, [batch])
-            return None
-        self._auth_backoff = 0.0
-        report.checked += 1
-        if self.metrics is not None:
-            self.metrics.observe_status(answer.outcome.value)
-        decision = decide_on_answer(
-            batch, answer, self.policy, self.clock(), self.rng, budget=self._view
-        )
-        if answer.detail and decision.to_state is batch.state:
-            bound.warning("api.error", outcome=answer.outcome.value, detail=answer.detail)
-        url = decision.download_url
-        if url is None:
-            release_slot()
-            await self._write(report, bound, BatchWrite(batch, decision))
-            return None
-
-        # Record "ready" before the download, and keep the lease while it runs.
-        ready = replace(decision, download_url=None)
-        if not await self._write(report, bound, BatchWrite(batch, ready, keep_lease=True)):
-            return None
-        # Only a batch that was already ready can have a fetch that died without cleaning
-        # up (kill -9 mid-download): every fetch starts with a "ready" write.
-        download = _Download(
-            replace(batch, state=State.READY, checks=batch.checks + 1),
-            url,
-            bound,
-            leftovers_possible=batch.state is State.READY,
-        )
-        # Hold this worker slot until a download slot is free: when files arrive faster
-        # than they can be fetched, claiming more batches would only strand their leases.
-        while True:
-            try:
-                async with asyncio.timeout(self.lease_seconds / 3):
-                    await self.download_slots.acquire()
-                return download
-            except TimeoutError:
-                if not await self._still_owner(download.batch):
-                    report.conflicts += 1
-                    bound.warning("download.ownership_lost")
-                    return None
-
     async def _still_owner(self, batch: Tracked) -> bool:
         """Extend the lease of a batch being downloaded; False when another owner has it."""
-        self.progress += 1
-        give_up_at = time.monotonic() + self.lease_seconds
+        self._moved()
+        give_up_at = time.monotonic() + self._lease_seconds
         while True:
             try:
                 # The group commit retries through a database outage for a while itself.
-                return await self._commit.write(LeaseExtension(batch, self.lease_seconds))
+                return await self._commit.write(LeaseExtension(batch, self._lease_seconds))
             except sa.exc.OperationalError:
                 if time.monotonic() > give_up_at:
                     return False  # our lease has run out meanwhile: assume it is lost
 
     async def _download(self, download: _Download, report: SweepReport) -> None:
+        """Fetch the file of a ready batch and write back what became of it; the download
+        slot its check took is given back at the end."""
         try:
-            await self._fetch(download, report)
+            batch, url, bound = download.batch, download.url, download.log
+
+            async def still_owner() -> bool:
+                return await self._still_owner(batch)
+
+            started = time.monotonic()
+            try:
+                fetched = await self._downloader.fetch(
+                    url,
+                    batch.request_id,
+                    keep_alive=still_owner,
+                    keep_alive_every=self._lease_seconds / 3,
+                    clean_leftovers=download.leftovers_possible,
+                )
+            except OwnershipLost:
+                report.conflicts += 1
+                bound.warning("download.ownership_lost")
+                return
+            except DownloadError as error:
+                problem = _download_problem(error)
+                bound.warning(
+                    "download.problem", problem=problem.value, error=str(error), url=redact_url(url)
+                )
+                decision = decide_on_download_problem(
+                    batch, problem, str(error), self._policy, self._clock(), self._rng
+                )
+                await self._write(report, bound, BatchWrite(batch, decision))
+                return
+            decision = decide_on_download_done(batch, fetched.size, fetched.sha256)
+            stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
+            if self._metrics is not None:
+                self._metrics.observe_download(fetched.size, time.monotonic() - started)
+            # The downloader has logged download.done; the transition line follows from _write.
+            if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
+                report.downloaded += 1
         finally:
-            self.download_slots.release()
-
-    async def _fetch(self, download: _Download, report: SweepReport) -> None:
-        batch, url, bound = download.batch, download.url, download.log
-
-        async def still_owner() -> bool:
-            return await self._still_owner(batch)
-
-        started = time.monotonic()
-        try:
-            fetched = await self.downloader.fetch(
-                url,
-                batch.request_id,
-                keep_alive=still_owner,
-                keep_alive_every=self.lease_seconds / 3,
-                clean_leftovers=download.leftovers_possible,
-            )
-        except OwnershipLost:
-            report.conflicts += 1
-            bound.warning("download.ownership_lost")
-            return
-        except DownloadError as error:
-            problem = _download_problem(error)
-            bound.warning(
-                "download.problem", problem=problem.value, error=str(error), url=redact_url(url)
-            )
-            decision = decide_on_download_problem(
-                batch, problem, str(error), self.policy, self.clock(), self.rng
-            )
-            await self._write(report, bound, BatchWrite(batch, decision))
-            return
-        decision = decide_on_download_done(batch, fetched.size, fetched.sha256)
-        stored = StoredFile(str(fetched.path), fetched.size, fetched.sha256)
-        if self.metrics is not None:
-            self.metrics.observe_download(fetched.size, time.monotonic() - started)
-        # The downloader has logged download.done; the transition line follows from _write.
-        if await self._write(report, bound, BatchWrite(batch, decision, file=stored)):
-            report.downloaded += 1
+            self._download_slots.release()
 
     async def _write(
         self, report: SweepReport, bound: structlog.BoundLogger, write: BatchWrite
@@ -652,8 +595,8 @@ class Sweeper:
             return False
         if write.decision.to_state is not write.batch.state:
             report.transitions += 1
-            if self.metrics is not None:
-                self.metrics.observe_transition(write.decision.to_state.value)
+            if self._metrics is not None:
+                self._metrics.observe_transition(write.decision.to_state.value)
             bound.info(
                 "batch.transition",
                 from_state=write.batch.state.value,
@@ -664,13 +607,13 @@ class Sweeper:
 
     async def _on_auth_failed(self, batch: Tracked, report: SweepReport, message: str) -> None:
         """Credentials refused: a service-wide problem, so no batch is penalised for it."""
-        await asyncio.to_thread(self.store.release, [batch])
+        await asyncio.to_thread(self._store.release, [batch])
         if report.auth_failed:
             return
         report.auth_failed = True
         # One error per backoff period: pausing the client keeps later sweeps quiet.
         self._auth_backoff = min(600.0, max(30.0, self._auth_backoff * 2))
-        await self.client.throttle.pause(self._auth_backoff)
+        await self._throttle.pause(self._auth_backoff)
         log.error("api.auth_failed", error=message, retry_in=self._auth_backoff)
 
 

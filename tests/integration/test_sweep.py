@@ -3,79 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import sqlalchemy as sa
 
-from tracker.budget import MemoryBudget
-from tracker.deepvue import DeepvueClient, Throttle
+from tests.fake_deepvue import FakeDeepvue, open_clients
+from tracker.budget import MemoryBudget, Throttle
 from tracker.domain.model import PollPolicy
 from tracker.domain.quota import Grant, plan_windows
-from tracker.download import Downloader
 from tracker.store import Store
 from tracker.sweep import Sweeper
-
-API = "https://deepvue.test"
-FILES = "files.test"
-TOKEN = "access-token-for-tests"
-
-
-def _status_body(request_id: str) -> dict[str, Any]:
-    if request_id.startswith("done-"):
-        data = {
-            "request_id": request_id,
-            "status": 200,
-            "message": "batch processing completed",
-            "batch_output_file_url": f"https://{FILES}/out/{request_id}.csv",
-        }
-    else:
-        data = {
-            "request_id": request_id,
-            "status": 201,
-            "message": "batch processing in progress",
-            "batch_output_file_url": None,
-        }
-    return {"code": 200, "sub_code": "SUCCESS", "message": "fetched", "data": data}
-
-
-class FakeServices:
-    """Deepvue's two endpoints and a file host whose answers can be held back per batch."""
-
-    def __init__(self) -> None:
-        self.status_calls: list[str] = []
-        self.file_requests: list[str] = []
-        self.held: dict[str, asyncio.Event] = {}
-        self.api_latency = 0.0
-
-    async def api(self, request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(self.api_latency)
-        if request.url.path == "/v1/authorize":
-            return httpx.Response(
-                200, json={"access_token": TOKEN, "expiry": "2099-01-01T00:00:00Z"}
-            )
-        request_id = request.url.params["request_id"]
-        self.status_calls.append(request_id)
-        if request_id.startswith("invalid-"):
-            return httpx.Response(400, json={"detail": "Invalid request_id"})
-        return httpx.Response(200, content=json.dumps(_status_body(request_id)).encode())
-
-    async def files(self, request: httpx.Request) -> httpx.Response:
-        request_id = request.url.path.rsplit("/", 1)[-1].removesuffix(".csv")
-        self.file_requests.append(request_id)
-        held = self.held.get(request_id)
-        if held is not None:
-            await held.wait()
-        # A stream, as a file host's body is: a `content=` response arrives already read.
-        # Framed by its length, as S3 sends it: an unframed body is never proof of a file.
-        body = f"id,{request_id}\n".encode()
-        return httpx.Response(
-            200, stream=httpx.ByteStream(body), headers={"Content-Length": str(len(body))}
-        )
 
 
 class CountingBudget(MemoryBudget):
@@ -91,37 +31,29 @@ class CountingBudget(MemoryBudget):
 @asynccontextmanager
 async def _sweeper(
     engine: sa.Engine,
-    services: FakeServices,
+    fake: FakeDeepvue,
     output_dir: Path,
     budget: MemoryBudget | None = None,
+    *,
+    stopping: asyncio.Event | None = None,
+    shutdown_grace: float = 5,
     **options: Any,
 ) -> AsyncIterator[Sweeper]:
     """A real Sweeper over `engine`, its HTTP clients faked at the transport."""
-    api_http = httpx.AsyncClient(transport=httpx.MockTransport(services.api))
-    file_http = httpx.AsyncClient(transport=httpx.MockTransport(services.files))
-    client = DeepvueClient(
-        api_http,
-        base_url=API,
-        client_id="me",
-        read_secret=lambda: "client-secret-for-tests",
-        throttle=Throttle(budget or MemoryBudget(plan_windows(1000, 100000, 1000000))),
-    )
-    downloader = Downloader(file_http, output_dir=output_dir, allowed_hosts=[FILES])
-    sweeper = Sweeper(
-        store=Store(engine),
-        client=client,
-        downloader=downloader,
-        policy=PollPolicy(min_interval=3600, max_interval=3600, max_age=86400),
-        owner="test-owner",
-        lease_seconds=60,
-        shutdown_grace=5,
-        **options,
-    )
-    try:
-        yield sweeper
-    finally:
-        await api_http.aclose()
-        await file_http.aclose()
+    throttle = Throttle(budget or MemoryBudget(plan_windows(1000, 100000, 1000000)))
+    async with open_clients(fake, throttle, output_dir) as (client, downloader):
+        yield Sweeper(
+            store=Store(engine),
+            client=client,
+            throttle=throttle,
+            downloader=downloader,
+            policy=PollPolicy(min_interval=3600, max_interval=3600, max_age=86400),
+            owner="test-owner",
+            stopping=stopping or asyncio.Event(),
+            lease_seconds=60,
+            shutdown_grace=shutdown_grace,
+            **options,
+        )
 
 
 async def _until(condition: Callable[[], bool]) -> None:
@@ -136,22 +68,20 @@ def test_a_slow_download_does_not_hold_up_the_checks_of_other_batches(
 ) -> None:
     store = Store(engine)
     store.enqueue_many(["done-slow", *(f"open-{n}" for n in range(6)), "done-quick"])
-    services = FakeServices()
-    services.held["done-slow"] = asyncio.Event()
+    fake = FakeDeepvue()
+    fake.held["done-slow"] = asyncio.Event()
 
     async def main() -> None:
         async with _sweeper(
-            engine, services, tmp_path / "out", concurrency=1, download_concurrency=2
+            engine, fake, tmp_path / "out", concurrency=1, download_concurrency=2
         ) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
             # With one worker slot, every other batch is checked while the first one's
             # file is still on its way.
-            await _until(
-                lambda: len(services.status_calls) == 8 and "done-quick" in services.file_requests
-            )
-            assert "done-slow" in services.file_requests
+            await _until(lambda: len(fake.status_calls) == 8 and "done-quick" in fake.file_requests)
+            assert "done-slow" in fake.file_requests
             assert not sweep.done()
-            services.held["done-slow"].set()
+            fake.held["done-slow"].set()
             report = await asyncio.wait_for(sweep, 10)
         assert report.checked == 8
         assert report.downloaded == 2
@@ -170,23 +100,23 @@ def test_checks_wait_for_a_download_slot_instead_of_claiming_more(
 ) -> None:
     store = Store(engine)
     store.enqueue_many(["done-a", "done-b", "open-1"])
-    services = FakeServices()
-    services.held["done-a"] = asyncio.Event()
+    fake = FakeDeepvue()
+    fake.held["done-a"] = asyncio.Event()
 
     async def main() -> None:
         async with _sweeper(
-            engine, services, tmp_path / "out", concurrency=1, download_concurrency=1
+            engine, fake, tmp_path / "out", concurrency=1, download_concurrency=1
         ) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
-            await _until(lambda: services.status_calls == ["done-a", "done-b"])
+            await _until(lambda: fake.status_calls == ["done-a", "done-b"])
             # done-b is ready and waits for the only download slot, in the only worker
             # slot: open-1 is not claimed until the slot frees.
             await asyncio.sleep(0.2)
-            assert services.status_calls == ["done-a", "done-b"]
-            assert services.file_requests == ["done-a"]
-            services.held["done-a"].set()
+            assert fake.status_calls == ["done-a", "done-b"]
+            assert fake.file_requests == ["done-a"]
+            fake.held["done-a"].set()
             report = await asyncio.wait_for(sweep, 10)
-        assert services.status_calls == ["done-a", "done-b", "open-1"]
+        assert fake.status_calls == ["done-a", "done-b", "open-1"]
         assert report.downloaded == 2
 
     asyncio.run(main())
@@ -198,18 +128,24 @@ def test_stopping_hands_back_a_batch_whose_download_never_started(
 ) -> None:
     store = Store(engine)
     store.enqueue_many(["done-a", "done-b"])
-    services = FakeServices()
-    services.held["done-a"] = asyncio.Event()
+    fake = FakeDeepvue()
+    fake.held["done-a"] = asyncio.Event()
 
     async def main() -> None:
+        stopping = asyncio.Event()
         async with _sweeper(
-            engine, services, tmp_path / "out", concurrency=2, download_concurrency=1
+            engine,
+            fake,
+            tmp_path / "out",
+            stopping=stopping,
+            shutdown_grace=0.3,
+            concurrency=2,
+            download_concurrency=1,
         ) as sweeper:
-            sweeper.shutdown_grace = 0.3
             sweep = asyncio.create_task(sweeper.sweep())
-            await _until(lambda: len(services.status_calls) == 2)
+            await _until(lambda: len(fake.status_calls) == 2)
             await asyncio.sleep(0.1)
-            sweeper.stopping.set()
+            stopping.set()
             await asyncio.wait_for(sweep, 10)
 
     asyncio.run(main())
@@ -237,10 +173,10 @@ def test_a_fetch_cut_off_earlier_leaves_no_temp_file_after_the_next(
     output_dir.mkdir()
     stale = output_dir / ".done-again.csv.0123456789ab.part"
     stale.write_bytes(b"half a fi")
-    services = FakeServices()
+    fake = FakeDeepvue()
 
     async def main() -> None:
-        async with _sweeper(engine, services, output_dir, concurrency=2) as sweeper:
+        async with _sweeper(engine, fake, output_dir, concurrency=2) as sweeper:
             report = await asyncio.wait_for(sweeper.sweep(), 10)
         assert report.downloaded == 2
 
@@ -254,12 +190,12 @@ def test_out_of_permits_with_work_in_flight_the_sweep_waits_instead_of_asking_ag
     store = Store(engine)
     store.enqueue_many([f"open-{n}" for n in range(9)])
     budget = CountingBudget(plan_windows(3, 1000, 100000))
-    services = FakeServices()
-    services.api_latency = 0.3  # calls still in flight when the permits run out
+    fake = FakeDeepvue()
+    fake.latency = 0.3  # calls still in flight when the permits run out
 
     async def main() -> None:
         async with _sweeper(
-            engine, services, tmp_path / "out", budget, concurrency=4, max_quota_wait=5.0
+            engine, fake, tmp_path / "out", budget, concurrency=4, max_quota_wait=5.0
         ) as sweeper:
             report = await asyncio.wait_for(sweeper.sweep(), 10)
         assert report.checked == 9
@@ -276,17 +212,17 @@ def test_a_batch_falling_due_during_a_long_download_is_checked_before_it_ends(
     """The sweep a long file keeps going looks again for due batches (reading only)."""
     store = Store(engine)
     store.enqueue("done-slow")
-    services = FakeServices()
-    services.held["done-slow"] = asyncio.Event()
+    fake = FakeDeepvue()
+    fake.held["done-slow"] = asyncio.Event()
 
     async def main() -> None:
-        async with _sweeper(engine, services, tmp_path / "out", concurrency=2) as sweeper:
+        async with _sweeper(engine, fake, tmp_path / "out", concurrency=2) as sweeper:
             sweep = asyncio.create_task(sweeper.sweep())
-            await _until(lambda: "done-slow" in services.file_requests)
+            await _until(lambda: "done-slow" in fake.file_requests)
             await asyncio.to_thread(store.enqueue, "open-late")
-            await _until(lambda: "open-late" in services.status_calls)
+            await _until(lambda: "open-late" in fake.status_calls)
             assert not sweep.done(), "checked by this sweep, while the file still downloads"
-            services.held["done-slow"].set()
+            fake.held["done-slow"].set()
             report = await asyncio.wait_for(sweep, 10)
         assert (report.checked, report.downloaded) == (2, 1)
 
@@ -310,10 +246,10 @@ def test_a_ready_batch_refused_again_and_again_fails_and_its_group_still_commits
     store = Store(engine)
     store.enqueue_many(["invalid-was-ready", "open-1", "open-2"])
     _set_row(engine, "invalid-was-ready", state="ready", rejections=2)
-    services = FakeServices()
+    fake = FakeDeepvue()
 
     async def main() -> None:
-        async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
+        async with _sweeper(engine, fake, tmp_path / "out", concurrency=3) as sweeper:
             report = await sweeper.sweep()
         assert (report.checked, report.errors) == (3, 0)
 
@@ -364,10 +300,10 @@ def test_a_write_the_database_refuses_fails_alone_and_its_batch_is_handed_back(
     store = Store(engine)
     store.enqueue_many(["open-refused", "open-1", "open-2"])
     _refuse_writes_to(engine, "open-refused")
-    services = FakeServices()
+    fake = FakeDeepvue()
 
     async def main() -> None:
-        async with _sweeper(engine, services, tmp_path / "out", concurrency=3) as sweeper:
+        async with _sweeper(engine, fake, tmp_path / "out", concurrency=3) as sweeper:
             report = await sweeper.sweep()
         assert (report.checked, report.errors) == (3, 1)
 

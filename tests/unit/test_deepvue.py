@@ -15,22 +15,20 @@ from datetime import UTC, datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import httpx
 import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from tests.fake_deepvue import FakeDeepvue, completed
 from tracker import __version__
-from tracker.budget import MemoryBudget
+from tracker.budget import CallsPaused, MemoryBudget, Throttle
 from tracker.deepvue import (
     MAX_ANSWER_BYTES,
     AuthFailed,
-    CallsPaused,
     DeepvueClient,
     SubmitFailed,
-    Throttle,
     make_api_http_client,
     make_api_transport,
     parse_token_expiry,
@@ -44,8 +42,6 @@ SECRET = "s3cret-value-do-not-leak"
 T0 = datetime(2026, 3, 7, 12, 0, 0, tzinfo=UTC)
 OUTPUT_URL = "https://bulk-data-processing.s3.ap-south-1.amazonaws.com/x/req1.csv"
 
-Handler = Callable[[httpx.Request], httpx.Response]
-
 
 def jwt_with_exp(exp: float, sub: str = CLIENT_ID) -> str:
     def seg(obj: dict[str, Any]) -> str:
@@ -55,19 +51,16 @@ def jwt_with_exp(exp: float, sub: str = CLIENT_ID) -> str:
 
 
 def completed_body(request_id: str) -> dict[str, Any]:
-    return {
-        "transaction_id": "t",
-        "timestamp": 1,
-        "code": 200,
-        "message": "Batch Upload status fetched successfully",
-        "sub_code": "SUCCESS",
-        "data": {
-            "request_id": request_id,
-            "status": 200,
-            "message": "batch processing completed",
-            "batch_output_file_url": OUTPUT_URL,
-        },
-    }
+    body: dict[str, Any] = completed(request_id, OUTPUT_URL).json()
+    return body
+
+
+def new_fake() -> FakeDeepvue:
+    """The fake Deepvue of these tests: every batch complete, tokens expiring a day after T0."""
+    return FakeDeepvue(
+        default_status=lambda request_id: completed(request_id, OUTPUT_URL),
+        expiry="2026-03-08T12:00:00Z",
+    )
 
 
 class FakeClock:
@@ -84,45 +77,6 @@ class FakeClock:
         self.sleeps.append(seconds)
         self.now += seconds
         await asyncio.sleep(0)
-
-
-class FakeDeepvue:
-    """Just enough of Deepvue: /v1/authorize issues numbered tokens, the status endpoint
-    accepts only tokens in `valid`, and every request is recorded."""
-
-    def __init__(self) -> None:
-        self.authorize_forms: list[dict[str, list[str]]] = []
-        self.status_requests: list[httpx.Request] = []
-        self.valid: set[str] = set()
-        self.expiry: Any = "2026-03-08T12:00:00Z"
-        self.authorize_override: Handler | None = None
-        self.status_override: Handler | None = None
-        self.reject_all_tokens = False
-
-    async def handler(self, request: httpx.Request) -> httpx.Response:
-        await asyncio.sleep(0)  # let concurrent calls interleave, as real I/O would
-        if request.url.path == "/v1/authorize":
-            assert request.method == "POST"
-            self.authorize_forms.append(parse_qs(request.content.decode()))
-            if self.authorize_override is not None:
-                return self.authorize_override(request)
-            token = f"token-{len(self.authorize_forms)}"
-            self.valid = {token}
-            return httpx.Response(
-                200, json={"access_token": token, "token_type": "bearer", "expiry": self.expiry}
-            )
-        assert request.url.path == "/v1/verification/batch-processing-status"
-        self.status_requests.append(request)
-        bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
-        if self.reject_all_tokens or bearer not in self.valid:
-            return httpx.Response(401, json={"detail": "Could not validate credentials"})
-        if self.status_override is not None:
-            return self.status_override(request)
-        return httpx.Response(200, json=completed_body(request.url.params["request_id"]))
-
-    @property
-    def authorizations(self) -> int:
-        return len(self.authorize_forms)
 
 
 class Harness:
@@ -142,12 +96,13 @@ class Harness:
         self.utc = T0
         self.secrets: list[str | OSError] = [SECRET]
         self.secret_reads = 0
-        transport = httpx.MockTransport(fake.handler)
+        transport = fake.transport()
         self.http = httpx.AsyncClient(transport=transport)
+        self.budget = MemoryBudget(
+            windows or plan_windows(1000, 100000, 1000000), clock=self.clock.monotonic
+        )
         self.throttle = Throttle(
-            MemoryBudget(
-                windows or plan_windows(1000, 100000, 1000000), clock=self.clock.monotonic
-            ),
+            self.budget,
             monotonic=self.clock.monotonic,
             sleep=self.clock.sleep,
         )
@@ -184,7 +139,7 @@ def run(
     client_options: dict[str, Any] | None = None,
 ) -> Harness:
     """Build the harness inside a fresh event loop, run `body`, close the http client."""
-    fake = fake or FakeDeepvue()
+    fake = fake or new_fake()
 
     async def main() -> Harness:
         harness = Harness(fake, windows=windows, client_options=client_options)
@@ -242,7 +197,7 @@ def test_token_is_cached_across_calls() -> None:
 
 
 def test_token_refreshed_before_expiry_and_secret_reread() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.expiry = (T0 + timedelta(hours=1)).isoformat()
 
     async def body(h: Harness) -> None:
@@ -265,7 +220,7 @@ def test_token_refreshed_before_expiry_and_secret_reread() -> None:
 
 
 def test_unparseable_expiry_falls_back_to_the_jwt_exp() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     token = jwt_with_exp((T0 + timedelta(hours=2)).timestamp())
 
     def authorize(request: httpx.Request) -> httpx.Response:
@@ -304,7 +259,7 @@ def test_parse_token_expiry() -> None:
 
 
 def test_expiry_in_the_past_does_not_cause_an_authorize_storm() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.expiry = (T0 - timedelta(hours=5, minutes=30)).replace(tzinfo=None).isoformat()
 
     async def body(h: Harness) -> None:
@@ -336,12 +291,11 @@ def test_401_reauthorizes_once_and_retries() -> None:
         "Bearer token-2",
     ]
     # The retry acquired the throttle too.
-    assert h.throttle.budget.ledger.used(h.clock.now)["day"] == (3, 1000000)  # type: ignore[attr-defined]
-    assert h.client.throttle is h.throttle
+    assert h.budget.ledger.used(h.clock.now)["day"] == (3, 1000000)
 
 
 def test_persistent_401_raises_auth_failed_without_secrets() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.reject_all_tokens = True
     raised: list[AuthFailed] = []
 
@@ -365,7 +319,7 @@ def test_persistent_401_raises_auth_failed_without_secrets() -> None:
 
 
 def test_persistent_403_raises_auth_failed() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(403, json={"detail": "Not a valid token"})
 
     async def body(h: Harness) -> None:
@@ -378,7 +332,7 @@ def test_persistent_403_raises_auth_failed() -> None:
 
 @pytest.mark.parametrize("status", [400, 401, 403])
 def test_authorize_refused_raises_auth_failed(status: int) -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.authorize_override = lambda request: httpx.Response(
         status, json={"detail": f"Invalid client_id or client_secret {SECRET}, access Denied"}
     )
@@ -419,7 +373,7 @@ def test_unreadable_or_empty_secret_raises_auth_failed() -> None:
     ],
 )
 def test_authorize_server_trouble_is_transient(response: httpx.Response) -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.authorize_override = lambda request: response
     answers: list[StatusAnswer] = []
 
@@ -435,7 +389,7 @@ def test_authorize_server_trouble_is_transient(response: httpx.Response) -> None
 
 
 def test_authorize_timeout_is_transient_and_retried_next_call() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
 
     def timeout(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectTimeout("timed out", request=request)
@@ -455,7 +409,7 @@ def test_authorize_timeout_is_transient_and_retried_next_call() -> None:
 
 
 def test_twenty_concurrent_401s_cause_one_reauthorize() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     answers: list[StatusAnswer] = []
 
     async def body(h: Harness) -> None:
@@ -480,7 +434,7 @@ def test_twenty_concurrent_first_calls_authorize_once() -> None:
 
 
 def test_twenty_concurrent_calls_with_refused_credentials_authorize_once() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.authorize_override = lambda request: httpx.Response(401, json={"detail": "Denied"})
     results: list[Any] = []
 
@@ -500,7 +454,7 @@ def test_twenty_concurrent_calls_with_refused_credentials_authorize_once() -> No
 
 
 def test_429_with_retry_after_pauses_the_throttle() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(
         429, json={"detail": "Rate limit exceeded."}, headers={"Retry-After": "4"}
     )
@@ -527,7 +481,7 @@ def test_429_with_retry_after_pauses_the_throttle() -> None:
 
 
 def test_429_without_retry_after_backs_off_growing() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(429, json={"detail": "slow down"})
     pauses: list[float] = []
 
@@ -639,7 +593,7 @@ def test_status_calls_wait_for_the_quota() -> None:
     ],
 )
 def test_server_trouble_is_transient(response: httpx.Response) -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: response
     answers: list[StatusAnswer] = []
 
@@ -656,7 +610,7 @@ def test_server_trouble_is_transient(response: httpx.Response) -> None:
     "error", [httpx.ReadTimeout, httpx.ConnectError, httpx.RemoteProtocolError]
 )
 def test_transport_errors_are_transient_without_url_query(error: type[httpx.RequestError]) -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
 
     def fail(request: httpx.Request) -> httpx.Response:
         raise error(f"trouble with {request.url}", request=request)
@@ -677,7 +631,7 @@ def test_transport_errors_are_transient_without_url_query(error: type[httpx.Requ
 
 
 def test_invalid_request_id_answer_passes_through() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(
         404, json={"detail": "request_id not found"}
     )
@@ -692,7 +646,7 @@ def test_invalid_request_id_answer_passes_through() -> None:
 
 
 def test_secret_echoed_by_the_server_is_scrubbed() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(
         500, json={"detail": f"bad key {request.headers['x-api-key']}"}
     )
@@ -744,7 +698,7 @@ def test_aware_offsets_in_expiry_compare_correctly() -> None:
 
 
 def test_secret_echoed_at_the_trim_boundary_leaves_no_fragment() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(
         502, text="x" * 490 + request.headers["x-api-key"] + "y" * 100
     )
@@ -775,7 +729,7 @@ def test_secret_echoed_at_the_trim_boundary_leaves_no_fragment() -> None:
 def test_huge_retry_after_is_clamped_and_logged(
     retry_after: str, client_options: dict[str, Any], server_seconds: float, clamp: float
 ) -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": retry_after})
     paused: list[float] = []
     answers: list[StatusAnswer] = []
@@ -806,7 +760,7 @@ def test_huge_retry_after_is_clamped_and_logged(
 
 
 def test_retry_after_within_the_maximum_is_not_clamped() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "300"})
     answers: list[StatusAnswer] = []
 
@@ -824,7 +778,7 @@ def test_retry_after_within_the_maximum_is_not_clamped() -> None:
 
 
 def test_long_pause_raises_calls_paused_and_sends_nothing() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(429, headers={"Retry-After": "300"})
     raised: list[CallsPaused] = []
 
@@ -882,7 +836,7 @@ def test_pause_put_on_the_shared_budget_by_another_instance() -> None:
     async def body(h: Harness) -> None:
         await h.client.batch_status("warm")
         # Another instance drew the 429: this process hears of it from the budget only.
-        await h.throttle.budget.pause(600.0)
+        await h.budget.pause(600.0)
         assert h.throttle.paused_for() == 0.0
         assert await h.throttle.reserve(4) == 0
         assert h.throttle.wait_time() == pytest.approx(600.0)
@@ -1193,7 +1147,7 @@ def test_an_answer_that_does_not_decode_is_transient() -> None:
 
 
 def test_answer_limit_applies_to_answers_the_transport_has_read_already() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(200, content=b" " * 2000)
 
     async def body(h: Harness) -> None:
@@ -1211,7 +1165,7 @@ ODD_SECRET = 's3cr/et+v&l"ue=x'
 
 def test_secret_echoed_form_encoded_by_authorize_is_scrubbed() -> None:
     # The form body echoed back holds the secret percent-encoded (client_secret=s3cr%2Fet...).
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.authorize_override = lambda request: httpx.Response(
         500, text=f"cannot parse {request.content.decode()}"
     )
@@ -1229,7 +1183,7 @@ def test_secret_echoed_form_encoded_by_authorize_is_scrubbed() -> None:
 
 
 def test_secret_echoed_json_escaped_is_scrubbed_from_detail() -> None:
-    fake = FakeDeepvue()
+    fake = new_fake()
     fake.status_override = lambda request: httpx.Response(
         500, json={"detail": f"bad key {request.headers['x-api-key']}"}
     )

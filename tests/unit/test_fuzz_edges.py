@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from tracker.budget import MemoryBudget
-from tracker.deepvue import AuthFailed, DeepvueClient, Throttle, parse_token_expiry
+from tracker.budget import MemoryBudget, Throttle
+from tracker.deepvue import AuthFailed, DeepvueClient, parse_token_expiry
 from tracker.domain.answers import (
     Outcome,
     StatusAnswer,

@@ -8,18 +8,19 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tracker.budget import MemoryBudget
-from tracker.deepvue import AuthFailed, DeepvueClient, SubmitFailed, Throttle
+from tests.fake_deepvue import API_BASE, FakeDeepvue
+from tracker.budget import MemoryBudget, Throttle
+from tracker.deepvue import AuthFailed, DeepvueClient, SubmitFailed
 from tracker.domain.quota import plan_windows
 
 SECRET = "s3cr3t-value"
 
 
-def make_client(handler: httpx.MockTransport) -> tuple[DeepvueClient, MemoryBudget]:
+def make_client(fake: FakeDeepvue) -> tuple[DeepvueClient, MemoryBudget]:
     budget = MemoryBudget(plan_windows(10, 100, 1000))
     client = DeepvueClient(
-        httpx.AsyncClient(transport=handler),
-        base_url="https://deepvue.test",
+        httpx.AsyncClient(transport=fake.transport()),
+        base_url=API_BASE,
         client_id="me",
         read_secret=lambda: SECRET,
         throttle=Throttle(budget),
@@ -27,39 +28,28 @@ def make_client(handler: httpx.MockTransport) -> tuple[DeepvueClient, MemoryBudg
     return client, budget
 
 
-def authorize(request: httpx.Request) -> httpx.Response:
-    return httpx.Response(
-        200, json={"access_token": "tok", "token_type": "bearer", "expiry": "24hrs"}
-    )
-
-
 def test_submit_uploads_the_file_and_returns_the_request_id(tmp_path: Path) -> None:
     batch = tmp_path / "upi.csv"
     batch.write_text("vpa\nname@upi\n")
-    seen: list[httpx.Request] = []
+    fake = FakeDeepvue()
+    fake.submit_override = lambda request: httpx.Response(
+        200,
+        json={
+            "code": 201,
+            "request_id": "abc123",
+            "message": "batch processing in progress",
+            "sub_code": "SUCCESS",
+            "output_batch_file": "",
+        },
+    )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/authorize":
-            return authorize(request)
-        seen.append(request)
-        return httpx.Response(
-            200,
-            json={
-                "code": 201,
-                "request_id": "abc123",
-                "message": "batch processing in progress",
-                "sub_code": "SUCCESS",
-                "output_batch_file": "",
-            },
-        )
-
-    client, budget = make_client(httpx.MockTransport(handler))
+    client, budget = make_client(fake)
     assert asyncio.run(client.submit_upi_batch(batch)) == "abc123"
-    [upload] = seen
+    [upload] = fake.uploads
     assert upload.method == "POST"
     assert upload.url.path == "/v1/verification/upi-basic/batch"
     assert upload.headers["x-api-key"] == SECRET
-    assert upload.headers["authorization"] == "Bearer tok"
+    assert upload.headers["authorization"] == "Bearer token-1"
     body = upload.read()
     assert b'name="batch_file"; filename="upi.csv"' in body
     assert b"name@upi" in body
@@ -70,13 +60,12 @@ def test_submit_uploads_the_file_and_returns_the_request_id(tmp_path: Path) -> N
 def test_submit_refused_says_why_without_secrets(tmp_path: Path) -> None:
     batch = tmp_path / "upi.csv"
     batch.write_text("x\n")
+    fake = FakeDeepvue()
+    fake.submit_override = lambda request: httpx.Response(
+        422, json={"detail": f"bad file for key {SECRET}"}
+    )
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/authorize":
-            return authorize(request)
-        return httpx.Response(422, json={"detail": f"bad file for key {SECRET}"})
-
-    client, _ = make_client(httpx.MockTransport(handler))
+    client, _ = make_client(fake)
     with pytest.raises(SubmitFailed) as raised:
         asyncio.run(client.submit_upi_batch(batch))
     assert "HTTP 422" in str(raised.value)
@@ -87,15 +76,10 @@ def test_submit_refused_says_why_without_secrets(tmp_path: Path) -> None:
 def test_submit_with_refused_credentials(tmp_path: Path) -> None:
     batch = tmp_path / "upi.csv"
     batch.write_text("x\n")
-    authorizations = []
+    fake = FakeDeepvue()
+    fake.reject_all_tokens = True
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        if request.url.path == "/v1/authorize":
-            authorizations.append(request)
-            return authorize(request)
-        return httpx.Response(401, json={"detail": "Could not validate credentials"})
-
-    client, _ = make_client(httpx.MockTransport(handler))
+    client, _ = make_client(fake)
     with pytest.raises(AuthFailed):
         asyncio.run(client.submit_upi_batch(batch))
-    assert len(authorizations) == 2  # re-authorized once, then gave up
+    assert fake.authorizations == 2  # re-authorized once, then gave up
