@@ -130,8 +130,8 @@ class DeepvueClient:
     ) -> None:
         """`status_transport`, when given, carries the status calls straight to the wire,
         without `http`'s per-request machinery (auth flow, redirect handling, cookies, event
-        hooks): about 40 % of the CPU of a status call (bench/engine.py), and the status
-        call is the one made thousands of times. Pass the transport `http` itself uses.
+        hooks), a large share of a status call's CPU (bench/engine.py measures it), and the
+        status call is the one made thousands of times. Pass the transport `http` itself uses.
 
         `max_retry_after` (TRACKER_MAX_RETRY_AFTER) is the longest pause a 429's
         Retry-After may impose; a longer one is clamped to it and logged.
@@ -671,8 +671,8 @@ def _json_object(raw: str) -> dict[str, Any] | None:
 def make_api_transport() -> httpx.AsyncBaseTransport:
     """The transport for Deepvue API calls: httpx's API over aiohttp's connection pool.
 
-    Measured by bench/engine.py at about a quarter of the CPU per call of httpx's own pool
-    (httpcore), whose per-request cost grows with the number of open connections.
+    Much cheaper per call than httpx's own pool (httpcore), whose per-request cost grows with
+    the number of open connections (bench/engine.py's `http client` rows compare them).
     """
     import urllib.request
 

@@ -18,14 +18,17 @@ class FileRemoval(Enum):
 def remove_output_file(file_path: str | None, output_dir: Path) -> FileRemoval:
     """Delete the file a pruned row names, if it lies directly in `output_dir` (resolved).
 
-    The recorded path is judged by where it leads once resolved (symlinks followed), and
-    the recorded path is what gets unlinked.
+    Two things are judged, both resolved (symlinks followed): the entry that unlink()
+    removes (the recorded name in its resolved directory) and what it leads to. A link
+    outside the directory pointing into it, or one inside pointing out, is kept.
     """
     if not file_path:
         return FileRemoval.NO_FILE
     path = Path(file_path)
-    if output_file_verdict(path.resolve(), output_dir) is FileVerdict.KEEP:
-        return FileRemoval.KEPT
+    entry = path.parent.resolve() / path.name
+    for judged in (entry, path.resolve()):
+        if output_file_verdict(judged, output_dir) is FileVerdict.KEEP:
+            return FileRemoval.KEPT
     try:
         path.unlink()
     except FileNotFoundError:

@@ -103,3 +103,13 @@ def test_a_path_through_a_linked_directory_is_in_the_directory(output_dir: Path)
     (output_dir / "abc.csv").write_text("kyc")
     assert remove_output_file(str(alias / "abc.csv"), output_dir) is FileRemoval.DELETED
     assert not (output_dir / "abc.csv").exists()
+
+
+def test_a_link_outside_the_directory_pointing_into_it_is_kept(output_dir: Path) -> None:
+    # unlink() removes the entry the recorded path names, not its target: a link outside
+    # the directory that leads into it must not be deleted (it is not ours to touch).
+    (output_dir / "abc.csv").write_text("kyc")
+    link = output_dir.parent / "elsewhere.csv"
+    link.symlink_to(output_dir / "abc.csv")
+    assert remove_output_file(str(link), output_dir) is FileRemoval.KEPT
+    assert link.is_symlink() and (output_dir / "abc.csv").exists()
