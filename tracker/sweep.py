@@ -13,7 +13,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -85,6 +85,20 @@ class SweepReport:
     paused: bool = False
 
 
+@dataclass(frozen=True)
+class _BatchWork:
+    """What a pass asks the Sweeper to do with one batch; the pass decides when."""
+
+    claim: Callable[[int, bool], Coroutine[Any, Any, tuple[int, list[Tracked]]]]
+    check: Callable[
+        [Tracked, SweepReport, Callable[[], None]], Coroutine[Any, Any, _Download | None]
+    ]
+    download: Callable[[_Download, SweepReport], Coroutine[Any, Any, None]]
+    on_error: Callable[[BaseException, SweepReport], None]
+    # Called whenever work moves (the daemon's watchdog reads the count).
+    moved: Callable[[], None]
+
+
 class _Pass:
     """The loop state of one sweep, and the steps the loop takes over it.
 
@@ -95,7 +109,7 @@ class _Pass:
 
     def __init__(
         self,
-        sweeper: Sweeper,
+        work: _BatchWork,
         *,
         store: Store,
         throttle: Throttle,
@@ -105,9 +119,7 @@ class _Pass:
         max_quota_wait: float,
         shutdown_grace: float,
     ) -> None:
-        # The sweeper does the work of each batch (its check, claim and download); this
-        # pass decides when, and hands back what is left.
-        self._sweeper = sweeper
+        self._work = work
         self._store = store
         self._throttle = throttle
         self._stopping = stopping
@@ -143,7 +155,7 @@ class _Pass:
             await self._hand_back_backlog()
         while self._backlog and self._slots.free() > 0 and not self._stopping.is_set():
             batch = self._backlog.popleft()
-            check = self._sweeper._check(batch, report, self._slots.take())
+            check = self._work.check(batch, report, self._slots.take())
             self._checking[asyncio.create_task(check)] = batch
 
     def claim(self) -> bool:
@@ -161,13 +173,13 @@ class _Pass:
             and (room >= self._ahead or not self._any())
         ):
             peek = self._exhausted_at is not None or not self._any()
-            self._claiming = asyncio.create_task(self._sweeper._claim(room, peek=peek))
+            self._claiming = asyncio.create_task(self._work.claim(room, peek))
         if self._claiming is None or not self._claiming.done():
             return False
         want, claimed = self._claiming.result()
         self._claiming = None
         self.report.claimed += len(claimed)
-        self._sweeper._moved()
+        self._work.moved()
         self._backlog.extend(claimed)
         if want == 0:
             # Out of permits: ask again when the budget says one comes free.
@@ -215,13 +227,13 @@ class _Pass:
         for task in done:
             if task is self._claiming or not isinstance(task, asyncio.Task):
                 continue  # the claim, or slot_freed: a loop turn is all they ask for
-            self._sweeper._moved()
+            self._work.moved()
             outcome = self._finished(task)
             if isinstance(outcome, _Download):
-                started = asyncio.create_task(self._sweeper._download(outcome, self.report))
+                started = asyncio.create_task(self._work.download(outcome, self.report))
                 self._downloading[started] = outcome.batch
             elif isinstance(outcome, BaseException):
-                self._sweeper._on_worker_error(outcome, self.report)
+                self._work.on_error(outcome, self.report)
 
     async def close(self) -> None:
         """After the loop, however it ended: cancelled from outside, hand the rest back."""
@@ -366,8 +378,15 @@ class Sweeper:
             if released:
                 log.warning("sweep.released_orphaned_leases", batches=released)
         self._view = await self._budget_view()
+        work = _BatchWork(
+            claim=self._claim,
+            check=self._check,
+            download=self._download,
+            on_error=self._on_worker_error,
+            moved=self._moved,
+        )
         one_pass = _Pass(
-            self,
+            work,
             store=self._store,
             throttle=self._throttle,
             stopping=self._stopping,
@@ -394,7 +413,7 @@ class Sweeper:
     def _moved(self) -> None:
         self._progress += 1
 
-    async def _claim(self, room: int, *, peek: bool) -> tuple[int, list[Tracked]]:
+    async def _claim(self, room: int, peek: bool) -> tuple[int, list[Tracked]]:
         """Reserve call permits, then lease as many due batches: (permits, batches).
 
         With `peek`, first count what is due, so that a sweep with nothing to do (the usual
