@@ -36,7 +36,7 @@ from common import (
 )
 
 # Cheapest first, so a quick run reports something useful early.
-SECTIONS = ("quota", "history", "pickup", "idle", "download", "engine")
+SECTIONS = ("quota", "history", "pickup", "idle", "download", "engine", "ceiling")
 MODULES = {
     "quota": "quota_sim",
     "history": "history",
@@ -44,6 +44,7 @@ MODULES = {
     "idle": "idle",
     "download": "download",
     "engine": "engine",
+    "ceiling": "ceiling",
 }
 
 
