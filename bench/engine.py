@@ -40,6 +40,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
     PYTHON,
     TRACKER,
     Figure,
@@ -211,10 +213,10 @@ async def _bare_aiohttp(
     files = None if durable is None else _DurableFiles(durable)
     connector = aiohttp.TCPConnector(limit=concurrency * (2 if download else 1))
     async with aiohttp.ClientSession(connector=connector) as session:
-        form = {"client_id": "demo-client", "client_secret": "demo-secret"}
+        form = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
         async with session.post(f"{url}/v1/authorize", data=form) as response:
             token = (await response.json())["access_token"]
-        headers = {"Authorization": f"Bearer {token}", "x-api-key": "demo-secret"}
+        headers = {"Authorization": f"Bearer {token}", "x-api-key": CLIENT_SECRET}
         queue = list(reversed(ids))
 
         async def worker() -> None:
