@@ -166,11 +166,18 @@ class _DirectorySync:
         return running
 
     def _finished(self, done: asyncio.Future[None]) -> None:
-        done.result()
         self._running = None
         waiting, self._next = self._next, None
         if waiting is not None:
-            self._start().add_done_callback(lambda _: waiting.set_result(None))
+            self._start().add_done_callback(lambda following: _copy_outcome(following, waiting))
+
+
+def _copy_outcome(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
+    error = source.exception()
+    if error is None:
+        target.set_result(None)
+    else:
+        target.set_exception(error)
 
 
 def _sync_and_close(fd: int) -> None:
