@@ -50,7 +50,7 @@ async def _start(
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     base_url = f"http://{url_host}:{bound_port}"
     simulator = app[SIMULATOR_KEY]
-    simulator.base_url = base_url
+    simulator.serve_at(base_url)
     return runner, simulator, base_url
 
 
