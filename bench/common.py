@@ -28,14 +28,29 @@ from typing import Any
 import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-TRACKER = [PYTHON, "-m", "tracker"]
-PG_ADMIN_URL = os.environ.get(
-    "TRACKER_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/postgres"
+# The benchmarks reuse the tests' support modules (simulator processes, settings, the
+# PostgreSQL server), which live in the repository, not in the installed package. Appended,
+# not prepended, so that an installed tracker still wins over the source tree.
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))
+
+from tests import databases  # noqa: E402
+from tests.e2e.support import (  # noqa: E402
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TRACKER,
+    FakeApi,
+    connection_env,
+    migrate,
+    start_fake_api,
+    wait_until,
 )
-CLIENT_ID = "demo-client"
-# The simulator's own credentials, valid only against it on loopback.
-CLIENT_SECRET = "demo-secret"
+
+# Re-exported: the benchmark modules import everything they share from here.
+__all__ = ["CLIENT_ID", "CLIENT_SECRET", "TRACKER", "FakeApi", "migrate", "wait_until"]
+
+PYTHON = sys.executable
+PG_ADMIN_URL = databases.PG_ADMIN_URL
 MIB = 1024 * 1024
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -139,42 +154,16 @@ def say(message: str) -> None:
 # --------------------------------------------------------------------------- the simulator
 
 
-@dataclass
-class FakeApi:
-    url: str
-    process: subprocess.Popen[str]
-
-    def stats(self) -> dict[str, Any]:
-        import httpx
-
-        result: dict[str, Any] = httpx.get(f"{self.url}/_sim/stats", timeout=30).json()
-        return result
-
-    def reset(self) -> None:
-        import httpx
-
-        httpx.post(f"{self.url}/_sim/reset", timeout=30).raise_for_status()
-
-
 @contextlib.contextmanager
 def fake_api(*args: str) -> Iterator[FakeApi]:
     """`tracker fake-api` in its own process, on a free loopback port."""
-    process = subprocess.Popen(
-        [*TRACKER, "fake-api", "--host", "127.0.0.1", "--port", "0", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    api = start_fake_api("--host", "127.0.0.1", *args)
     try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        if not line:
-            raise RuntimeError("the simulator (tracker fake-api) did not start")
-        yield FakeApi(url=json.loads(line)["url"], process=process)
+        yield api
     finally:
-        stop_process(process)
-        if process.stdout is not None:
-            process.stdout.close()
+        stop_process(api.process)
+        if api.process.stdout is not None:
+            api.process.stdout.close()
 
 
 def stop_process(process: subprocess.Popen[Any], timeout: float = 20.0) -> None:
@@ -200,20 +189,12 @@ async def authorize(http: Any, api_url: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- databases
 
 
-def _with_database(url: str, name: str) -> str:
-    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
 def pg_admin_engine() -> sa.Engine | None:
     """An AUTOCOMMIT engine on the PostgreSQL server, or None when none answers."""
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        return databases.pg_admin_engine()
     except sa.exc.OperationalError:
-        engine.dispose()
         return None
-    return engine
 
 
 @contextlib.contextmanager
@@ -222,7 +203,7 @@ def pg_database(admin: sa.Engine) -> Iterator[str]:
     name = f"bench_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = _with_database(PG_ADMIN_URL, name)
+    url = databases.with_database(PG_ADMIN_URL, name)
     try:
         migrate(url)
         yield url
@@ -262,16 +243,6 @@ def backends(admin: sa.Engine | None) -> list[str]:
     return ["sqlite", "postgresql"] if admin is not None else ["sqlite"]
 
 
-def migrate(url: str) -> None:
-    from tracker.db import create_engine_for, upgrade_database
-
-    engine = create_engine_for(url)
-    try:
-        upgrade_database(engine)
-    finally:
-        engine.dispose()
-
-
 def insert_batches(
     url: str, request_ids: Sequence[str], *, next_check_at: datetime | None = None
 ) -> None:
@@ -306,24 +277,17 @@ def count_states(url: str) -> dict[str, int]:
 
 def tracker_env(database_url: str, api_url: str, output_dir: Path, **extra: str) -> dict[str, str]:
     """Settings for a tracker subprocess; the rate limits are high enough never to throttle."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": os.environ.get("HOME", "/tmp"),
-        "TRACKER_DATABASE_URL": database_url,
-        "TRACKER_API_BASE_URL": api_url,
-        "TRACKER_CLIENT_ID": CLIENT_ID,
-        "TRACKER_CLIENT_SECRET": CLIENT_SECRET,
-        "TRACKER_OUTPUT_DIR": str(output_dir),
-        "TRACKER_DOWNLOAD_ALLOWED_HOSTS": "127.0.0.1",
-        "TRACKER_PLAN": "enterprise",
-        "TRACKER_RATE_PER_SECOND": "1000000",
-        "TRACKER_RATE_PER_MINUTE": "100000000",
-        "TRACKER_RATE_PER_DAY": "1000000000",
-        "TRACKER_LOG_FORMAT": "json",
-        "TRACKER_LOG_LEVEL": "info",
-    }
-    env.update(extra)
-    return env
+    return (
+        connection_env(database_url, api_url, output_dir)
+        | {
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "TRACKER_RATE_PER_SECOND": "1000000",
+            "TRACKER_RATE_PER_MINUTE": "100000000",
+            "TRACKER_RATE_PER_DAY": "1000000000",
+            "TRACKER_LOG_LEVEL": "info",
+        }
+        | extra
+    )
 
 
 @dataclass
@@ -429,14 +393,6 @@ def event_time(event: dict[str, Any]) -> float:
     return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00")).timestamp()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
@@ -498,7 +454,7 @@ class RunningDaemon:
             found[:] = [e for e in self.events() if e.get("event") == name]
             return bool(found)
 
-        wait_until(seen, timeout, f"the daemon to log {name}")
+        wait_until(seen, timeout, f"the daemon to log {name}", poll=0.02)
         return found[0]
 
     def stop(self, timeout: float = 30.0) -> Finished:

@@ -24,6 +24,8 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (
+    CLIENT_ID,
+    CLIENT_SECRET,
     MIB,
     Figure,
     fake_api,
@@ -51,12 +53,12 @@ def signed_url(api_url: str, request_id: str) -> str:
     with httpx.Client(timeout=30) as http:
         token = http.post(
             f"{api_url}/v1/authorize",
-            data={"client_id": "demo-client", "client_secret": "demo-secret"},
+            data={"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET},
         ).json()["access_token"]
         answer = http.get(
             f"{api_url}/v1/verification/batch-processing-status",
             params={"request_id": request_id},
-            headers={"Authorization": f"Bearer {token}", "x-api-key": "demo-secret"},
+            headers={"Authorization": f"Bearer {token}", "x-api-key": CLIENT_SECRET},
         ).json()
     url: str = answer["data"]["batch_output_file_url"]
     return url

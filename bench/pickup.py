@@ -97,7 +97,10 @@ def run(quick: bool) -> list[Figure]:
                             return at is not None
 
                         wait_until(
-                            picked_up, 3 * SWEEP_INTERVAL, f"the first check of {request_id}"
+                            picked_up,
+                            3 * SWEEP_INTERVAL,
+                            f"the first check of {request_id}",
+                            poll=0.02,
                         )
                         if number:  # the first one also pays for connections and the token
                             latencies.append(found[0] - committed)

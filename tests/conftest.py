@@ -16,29 +16,19 @@ import pytest
 import sqlalchemy as sa
 import structlog
 
+from tests.databases import PG_ADMIN_URL, pg_admin_engine, with_database
 from tracker.db import create_engine_for, upgrade_database
 
-PG_ADMIN_URL = os.environ.get(
-    "TRACKER_TEST_PG_URL", "postgresql+psycopg://root@127.0.0.1:5432/postgres"
-)
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
 def _pg_admin_engine() -> sa.Engine | None:
-    engine = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     try:
-        with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+        return pg_admin_engine()
     except sa.exc.OperationalError as error:
-        engine.dispose()
         if IN_CI:
             pytest.fail(f"PostgreSQL must be reachable under CI at {PG_ADMIN_URL}: {error.orig}")
         return None
-    return engine
-
-
-def _with_database(url: str, name: str) -> str:
-    return sa.make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +39,7 @@ def pg_template() -> Iterator[tuple[sa.Engine, str]]:
     template = f"tracker_tmpl_{uuid.uuid4().hex[:10]}"
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{template}"'))
-    engine = create_engine_for(_with_database(PG_ADMIN_URL, template))
+    engine = create_engine_for(with_database(PG_ADMIN_URL, template))
     upgrade_database(engine)
     engine.dispose()
     yield admin, template
@@ -65,7 +55,7 @@ def pg_url(pg_template: tuple[sa.Engine, str]) -> Iterator[str]:
     name = f"tracker_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}" TEMPLATE "{template}"'))
-    yield _with_database(PG_ADMIN_URL, name)
+    yield with_database(PG_ADMIN_URL, name)
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
@@ -77,7 +67,7 @@ def empty_pg_url(pg_template: tuple[sa.Engine, str]) -> Iterator[str]:
     name = f"tracker_empty_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    yield _with_database(PG_ADMIN_URL, name)
+    yield with_database(PG_ADMIN_URL, name)
     with admin.connect() as connection:
         connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 

@@ -21,24 +21,24 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.e2e.conftest import TRACKER, Daemon, FakeApi, wait_until
-from tracker.db import create_engine_for
+from tests.e2e.support import TRACKER, Daemon, FakeApi, query, tracker_env, wait_until
 
 __all__ = [
+    "TRICKLED",
     "CannotMount",
     "DaemonLauncher",
     "TcpProxy",
-    "batch_rows",
     "events",
-    "execute",
+    "fault_env",
+    "fetching",
     "full_downloads",
     "limit_file_size",
     "part_files",
-    "query",
     "sim_stats",
     "small_tmpfs",
     "terminate_backends",
     "wait_for_event",
+    "wait_for_lost_ownership",
     "wait_for_part_file",
     "with_umask",
 ]
@@ -148,6 +148,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
 
 
+# Bytes of a `trickle-` file: about 4 s at the simulator's 2 KiB/s.
+TRICKLED = 8192
+
+
 # --------------------------------------------------------------------------- processes
 
 
@@ -227,31 +231,6 @@ def wait_for_event(daemon: Daemon, name: str, timeout: float, count: int = 1) ->
 
 
 # --------------------------------------------------------------------------- database
-
-
-def query(database_url: str, sql: str, **params: object) -> list[sa.Row[Any]]:
-    engine = create_engine_for(database_url)
-    try:
-        with engine.begin() as connection:
-            return list(connection.execute(sa.text(sql), params).all())
-    finally:
-        engine.dispose()
-
-
-def execute(database_url: str, sql: str, **params: object) -> int:
-    """Run one write statement (a hand edit, as an operator would); rows affected."""
-    engine = create_engine_for(database_url)
-    try:
-        with engine.begin() as connection:
-            return connection.execute(sa.text(sql), params).rowcount
-    finally:
-        engine.dispose()
-
-
-def batch_rows(database_url: str) -> dict[str, dict[str, Any]]:
-    """Every batch row by request_id, as plain dicts (comparable before and after)."""
-    rows = query(database_url, "SELECT * FROM tracker_batches")
-    return {row.request_id: dict(row._mapping) for row in rows}
 
 
 def terminate_backends(admin_url: str, database_url: str) -> int:
@@ -336,3 +315,27 @@ def wait_for_part_file(output_dir: Path, timeout: float, *, min_bytes: int = 1) 
                             return entry.name
         time.sleep(0.005)
     raise AssertionError(f"no .part file of {min_bytes}+ bytes in {output_dir} within {timeout} s")
+
+
+def fetching(api: FakeApi, request_id: str) -> bool:
+    """The file host has received a GET for this batch's output."""
+    return f"/upi-basic-batch-output-files/{request_id}.csv" in full_downloads(sim_stats(api))
+
+
+def wait_for_lost_ownership(daemon: Daemon) -> None:
+    wait_until(
+        lambda: bool(events(daemon, "batch.conflict") or events(daemon, "download.ownership_lost")),
+        30,
+        "the paused instance to notice it lost the batch",
+    )
+
+
+def fault_env(database_url: str, api_url: str, output_dir: Path, **extra: str) -> dict[str, str]:
+    """tracker_env with a day budget so large that polling paces itself by the intervals.
+
+    The budget-aware schedule stretches check intervals so that the open batches could be
+    polled for a whole day within TRACKER_RATE_PER_DAY; these tests are about faults, not
+    about the quota economy, so they keep the configured sub-second intervals.
+    """
+    extra.setdefault("TRACKER_RATE_PER_DAY", "10000000")
+    return tracker_env(database_url, api_url, output_dir, **extra)

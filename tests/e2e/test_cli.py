@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import (
+from tests.e2e.support import (
     TRACKER,
     Daemon,
     FakeApi,
@@ -21,7 +21,7 @@ from tests.e2e.conftest import (
     tracker_env,
     wait_until,
 )
-from tests.e2e.conftest import run_tracker as tracker
+from tests.e2e.support import run_tracker as tracker
 
 pytestmark = pytest.mark.e2e
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.conftest import (
+from tests.e2e.support import (
     TRACKER,
     FakeApi,
     migrate,
@@ -31,7 +31,7 @@ from tests.e2e.conftest import (
     tracker_env,
     wait_until,
 )
-from tests.e2e.conftest import (
+from tests.e2e.support import (
     run_tracker as run,
 )
 from tracker.db import create_engine_for

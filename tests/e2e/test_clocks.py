@@ -15,38 +15,34 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import IN_CI
-from tests.e2e.conftest import FakeApi, raw_insert, states, wait_until
-from tests.e2e.faults import DaemonLauncher, batch_rows, events, full_downloads, sim_stats
-from tests.e2e.test_daemon import assert_consistent_history, assert_files
-from tests.e2e.test_faults import (
+from tests.e2e.faults import DaemonLauncher, events, fault_env, fetching, full_downloads, sim_stats
+from tests.e2e.support import (
     BIG,
-    _fetching,
+    FakeApi,
+    assert_consistent_history,
     assert_downloaded_once,
+    assert_files,
     assert_recorded_files,
+    batch_rows,
     expected_files,
-    fault_env,
+    raw_insert,
+    states,
     tag,
     wait_all_downloaded,
+    wait_until,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.postgres]
 
 SKEW = 600  # seconds the fast host's clock is ahead
 TRICKLED = 24576  # bytes: about 12 s at the simulator's 2 KiB/s
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
 
 
 @pytest.fixture
@@ -127,7 +123,7 @@ def test_a_fast_clock_takes_nothing_over_and_polls_nothing_twice(
     slow.wait_started()
     raw_insert(pg_url, first_wave)
     wait_until(
-        lambda: all(_fetching(api, request_id) for request_id in trickled),
+        lambda: all(fetching(api, request_id) for request_id in trickled),
         30,
         "the first host to be downloading the trickled files",
     )

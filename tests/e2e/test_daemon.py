@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import signal
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -14,49 +11,22 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.e2e.support import (
+    Daemon,
+    FakeApi,
+    assert_consistent_history,
+    assert_files,
+    raw_insert,
+    states,
+    tracker_env,
+    wait_until,
+)
 from tracker.db import create_engine_for
 from tracker.simulator import SimulatorConfig, expected_sha256
 
 pytestmark = pytest.mark.e2e
 
 FINAL = {"downloaded", "failed", "rejected", "expired", "cancelled"}
-
-
-def assert_consistent_history(database_url: str) -> dict[str, list[tuple[str, str]]]:
-    """Each batch's transitions form one chain from pending to its current state."""
-    engine = create_engine_for(database_url)
-    with engine.begin() as connection:
-        batches = connection.execute(
-            sa.text("SELECT id, request_id, state FROM tracker_batches")
-        ).all()
-        rows = connection.execute(
-            sa.text("SELECT batch_id, from_state, to_state FROM tracker_transitions ORDER BY id")
-        ).all()
-    engine.dispose()
-    chains: dict[str, list[tuple[str, str]]] = {}
-    for batch_id, request_id, state in batches:
-        chain = [(f, t) for b, f, t in rows if b == batch_id]
-        assert chain, f"{request_id} has no transitions"
-        assert chain[0][0] == "pending", (request_id, chain)
-        for (_, to_state), (from_state, _) in itertools.pairwise(chain):
-            assert to_state == from_state, (request_id, chain)
-        assert all(f != t for f, t in chain), (request_id, chain)
-        assert chain[-1][1] == state, (request_id, chain, state)
-        chains[request_id] = chain
-    return chains
-
-
-def assert_files(output_dir: Path, expected: dict[str, tuple[str, int]]) -> None:
-    """Exactly the expected files, complete, verified, not world-readable; no temp files."""
-    names = sorted(p.name for p in output_dir.iterdir())
-    assert names == sorted(expected), names
-    for name, (sha256, size) in expected.items():
-        path = output_dir / name
-        data = path.read_bytes()
-        assert len(data) == size, name
-        assert hashlib.sha256(data).hexdigest() == sha256, name
-        assert stat.S_IMODE(path.stat().st_mode) == 0o640, name
 
 
 def test_every_outcome_end_to_end(

@@ -14,126 +14,53 @@ import random
 import signal
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import sqlalchemy as sa
 
-from tests.conftest import PG_ADMIN_URL
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.databases import PG_ADMIN_URL
 from tests.e2e.faults import (
+    TRICKLED,
     CannotMount,
     DaemonLauncher,
     TcpProxy,
-    batch_rows,
     events,
-    execute,
+    fault_env,
+    fetching,
     full_downloads,
     limit_file_size,
     part_files,
-    query,
     sim_stats,
     small_tmpfs,
     terminate_backends,
     wait_for_event,
+    wait_for_lost_ownership,
     wait_for_part_file,
     with_umask,
 )
-from tests.e2e.test_daemon import assert_consistent_history, assert_files
-from tracker.simulator import SimulatorConfig, expected_sha256
-
-pytestmark = pytest.mark.e2e
-
-SMALL = SimulatorConfig().file_size
-BIG = 24 << 20
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
-
-
-def fault_env(database_url: str, api_url: str, output_dir: Path, **extra: str) -> dict[str, str]:
-    """tracker_env with a day budget so large that polling paces itself by the intervals.
-
-    The budget-aware schedule stretches check intervals so that the open batches could be
-    polled for a whole day within TRACKER_RATE_PER_DAY; these tests are about faults, not
-    about the quota economy, so they keep the configured sub-second intervals.
-    """
-    extra.setdefault("TRACKER_RATE_PER_DAY", "10000000")
-    return tracker_env(database_url, api_url, output_dir, **extra)
-
-
-def tag() -> str:
-    return uuid.uuid4().hex[:8]
-
-
-def expected_files(
-    request_ids: list[str], *, big: int = BIG, small: int = SMALL
-) -> dict[str, tuple[str, int]]:
-    files = {}
-    for request_id in request_ids:
-        size = big if request_id.startswith("big-") else small
-        files[f"{request_id}.csv"] = (expected_sha256(request_id, size), size)
-    return files
-
-
-def all_in(database_url: str, state: str, count: int) -> Callable[[], bool]:
-    def check() -> bool:
-        current = states(database_url)
-        return len(current) == count and set(current.values()) == {state}
-
-    return check
-
-
-def wait_all_downloaded(database_url: str, count: int, timeout: float) -> None:
-    """Wait for `count` downloaded batches; on timeout, say which are stuck and why."""
-    try:
-        wait_until(
-            all_in(database_url, "downloaded", count), timeout, f"{count} batches downloaded"
-        )
-    except AssertionError as timed_out:
-        stuck = [
-            {key: row[key] for key in _STUCK_COLUMNS}
-            for row in batch_rows(database_url).values()
-            if row["state"] != "downloaded"
-        ]
-        raise AssertionError(f"{timed_out}; not downloaded: {stuck}") from None
-
-
-_STUCK_COLUMNS = (
-    "request_id",
-    "state",
-    "lease_owner",
-    "lease_expires_at",
-    "next_check_at",
-    "faults",
-    "download_attempts",
-    "last_error",
+from tests.e2e.support import (
+    BIG,
+    Daemon,
+    FakeApi,
+    assert_consistent_history,
+    assert_downloaded_once,
+    assert_files,
+    assert_recorded_files,
+    batch_rows,
+    execute,
+    expected_files,
+    query,
+    raw_insert,
+    states,
+    tag,
+    wait_all_downloaded,
+    wait_until,
 )
 
-
-def assert_recorded_files(
-    database_url: str, output_dir: Path, files: dict[str, tuple[str, int]]
-) -> None:
-    """The rows point at the verified files: path, size and checksum as published."""
-    for request_id, row in batch_rows(database_url).items():
-        name = f"{request_id}.csv"
-        sha256, size = files[name]
-        assert row["file_path"] == str(output_dir.resolve() / name), row
-        assert (row["file_size"], row["file_sha256"]) == (size, sha256), row
-
-
-def assert_downloaded_once(chains: dict[str, list[tuple[str, str]]]) -> None:
-    for request_id, chain in chains.items():
-        targets = [to_state for _, to_state in chain]
-        assert targets.count("downloaded") == 1, (request_id, chain)
-        assert len(targets) == len(set(targets)), (request_id, chain)
-
+pytestmark = pytest.mark.e2e
 
 # --------------------------------------------------------------------------- 1. crashes
 
@@ -236,9 +163,6 @@ def test_three_instances_work_each_batch_once(
     assert conflicts == [0, 0, 0]
 
 
-TRICKLED = 8192  # bytes: about 4 s at the simulator's 2 KiB/s
-
-
 def _pause_owner_mid_download(
     pg_url: str, output_dir: Path, api: FakeApi, launch: DaemonLauncher
 ) -> tuple[str, dict[str, str], Daemon, int]:
@@ -252,17 +176,9 @@ def _pause_owner_mid_download(
     # file host's record of the GET is what says the download is under way. Its bytes keep
     # arriving in the socket buffer while the process is stopped.
     part = wait_for_part_file(output_dir, 30, min_bytes=0)
-    wait_until(lambda: _fetching(api, request_id), 10, "the file host to see the download")
+    wait_until(lambda: fetching(api, request_id), 10, "the file host to see the download")
     paused.process.send_signal(signal.SIGSTOP)
     return request_id, env, paused, (output_dir / part).stat().st_ino
-
-
-def _wait_for_lost_ownership(daemon: Daemon) -> None:
-    wait_until(
-        lambda: bool(events(daemon, "batch.conflict") or events(daemon, "download.ownership_lost")),
-        30,
-        "the paused instance to notice it lost the batch",
-    )
 
 
 @pytest.mark.postgres
@@ -284,7 +200,7 @@ def test_paused_owner_waking_after_takeover_changes_nothing(
     final = output_dir / f"{request_id}.csv"
     file_before = final.stat()
     paused.process.send_signal(signal.SIGCONT)
-    _wait_for_lost_ownership(paused)
+    wait_for_lost_ownership(paused)
     assert paused.process.poll() is None, "the woken instance must keep running"
     paused.wait_started()
     assert paused.stop(signal.SIGTERM) == 0
@@ -326,7 +242,7 @@ def test_paused_owner_waking_mid_takeover_does_not_disturb_the_new_owner(
     wait_until(taker_downloading, 30, "the other instance to start its own download")
     # The paused instance's remaining bytes sit in its socket buffer: it finishes at once.
     paused.process.send_signal(signal.SIGCONT)
-    _wait_for_lost_ownership(paused)
+    wait_for_lost_ownership(paused)
     wait_all_downloaded(pg_url, 1, 60)
     for daemon in (paused, taker):
         daemon.wait_started()
@@ -480,7 +396,7 @@ def test_database_unreachable_for_a_while_is_weather(
         daemon = launch(env)
         daemon.wait_started()
         wait_until(
-            lambda: all(_fetching(api, request_id) for request_id in trickled),
+            lambda: all(fetching(api, request_id) for request_id in trickled),
             30,
             "the trickled downloads to be under way",
         )
@@ -507,11 +423,6 @@ def test_database_unreachable_for_a_while_is_weather(
     assert_files(output_dir, files)
     assert_recorded_files(pg_url, output_dir, files)
     assert_downloaded_once(assert_consistent_history(pg_url))
-
-
-def _fetching(api: FakeApi, request_id: str) -> bool:
-    """The file host has received a GET for this batch's output."""
-    return f"/upi-basic-batch-output-files/{request_id}.csv" in full_downloads(sim_stats(api))
 
 
 @pytest.mark.postgres

@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, tracker_env, wait_until
+from tests.e2e.support import Daemon, FakeApi, raw_insert, tracker_env, wait_until
 
 
 def test_the_hook_does_not_inherit_the_daemons_secrets(

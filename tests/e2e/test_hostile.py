@@ -27,15 +27,7 @@ import pytest
 import sqlalchemy as sa
 from hypothesis import HealthCheck, Phase, given, settings
 
-from tests.e2e.conftest import (
-    TRACKER,
-    Daemon,
-    FakeApi,
-    raw_insert,
-    states,
-    tracker_env,
-    wait_until,
-)
+from tests.e2e.support import TRACKER, Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
 from tracker.db import create_engine_for, upgrade_database
 from tracker.simulator import expected_sha256
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import FakeApi, raw_insert, tracker_env, wait_until
-from tests.e2e.faults import DaemonLauncher, batch_rows, part_files, sim_stats
+from tests.e2e.faults import DaemonLauncher, part_files, sim_stats
+from tests.e2e.support import FakeApi, batch_rows, raw_insert, tracker_env, wait_until
 from tracker.simulator import SimulatorConfig, expected_sha256
 
 pytestmark = pytest.mark.e2e
@@ -25,13 +25,6 @@ SMALL = SimulatorConfig().file_size
 # The daemon's peak resident set must stay under this while it refuses hostile answers
 # (about 60-70 MiB of it is the interpreter, SQLAlchemy, aiohttp and the rest at rest).
 PEAK_RSS_LIMIT = 200 << 20
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
 
 
 def hostile_env(database_url: str, api_url: str, output_dir: Path, **extra: str) -> dict[str, str]:

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy as sa
 
 import tracker
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.e2e.support import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
 from tracker.db import create_engine_for, upgrade_database
 from tracker.listen import libpq_url
 

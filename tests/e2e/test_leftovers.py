@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import (
+from tests.e2e.faults import DaemonLauncher, part_files, wait_for_part_file
+from tests.e2e.support import (
     FakeApi,
     migrate,
     plain_env,
@@ -20,16 +21,8 @@ from tests.e2e.conftest import (
     tracker_env,
     wait_until,
 )
-from tests.e2e.faults import DaemonLauncher, part_files, wait_for_part_file
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
 
 
 def test_a_crash_then_a_cancel_leaves_no_partial_file_behind(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-from tests.e2e.conftest import FakeApi, migrate, raw_insert, states, tracker_env, wait_until
+from tests.e2e.support import FakeApi, migrate, raw_insert, states, tracker_env, wait_until
 from tracker.db import create_engine_for
 
 pytestmark = pytest.mark.e2e

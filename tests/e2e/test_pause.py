@@ -18,10 +18,18 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.conftest import Daemon, FakeApi, migrate, raw_insert, wait_until
-from tests.e2e.faults import DaemonLauncher, batch_rows, events, sim_stats, wait_for_event
+from tests.e2e.faults import DaemonLauncher, events, fault_env, sim_stats, wait_for_event
 from tests.e2e.notify_socket import NotifySocket, max_gap
-from tests.e2e.test_faults import fault_env, tag, wait_all_downloaded
+from tests.e2e.support import (
+    Daemon,
+    FakeApi,
+    batch_rows,
+    migrate,
+    raw_insert,
+    tag,
+    wait_all_downloaded,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -30,13 +38,6 @@ WATCHDOG_SECONDS = WATCHDOG_USEC / 1_000_000
 GRACE = 5.0  # TRACKER_SHUTDOWN_GRACE in tracker_env
 # How long the pause is watched, from the moment the daemon logged the 429.
 WATCH_SECONDS = 12.0
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
 
 
 @pytest.fixture

@@ -12,47 +12,46 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
 from tests.e2e.faults import (
+    TRICKLED,
     DaemonLauncher,
-    batch_rows,
     events,
-    execute,
+    fault_env,
+    fetching,
     part_files,
-    query,
     sim_stats,
+    wait_for_lost_ownership,
     wait_for_part_file,
 )
-from tests.e2e.test_daemon import assert_consistent_history, assert_files
-from tests.e2e.test_faults import (
+from tests.e2e.support import (
     BIG,
-    TRICKLED,
-    _fetching,
-    _wait_for_lost_ownership,
+    Daemon,
+    FakeApi,
+    assert_consistent_history,
     assert_downloaded_once,
+    assert_files,
     assert_recorded_files,
+    batch_rows,
+    execute,
     expected_files,
-    fault_env,
+    query,
+    raw_insert,
+    states,
     tag,
+    tracker_env,
     wait_all_downloaded,
+    wait_until,
 )
 
 pytestmark = pytest.mark.e2e
 
 # The default TRACKER_HEARTBEAT_TIMEOUT; heartbeats go out three times per timeout.
 DEFAULT_HEARTBEAT_TIMEOUT = 30.0
-
-
-@pytest.fixture
-def launch(tmp_path: Path) -> Iterator[DaemonLauncher]:
-    launcher = DaemonLauncher(tmp_path, [])
-    with launcher.reaping():
-        yield launcher
 
 
 def leased(database_url: str) -> list[tuple[str, str, str]]:
@@ -130,7 +129,7 @@ def test_sigkill_then_restart_resumes_within_seconds(
 def wait_until_downloading(api: FakeApi, output_dir: Path, trickled: list[str]) -> None:
     wait_for_part_file(output_dir, 30, min_bytes=0)
     wait_until(
-        lambda: all(_fetching(api, request_id) for request_id in trickled),
+        lambda: all(fetching(api, request_id) for request_id in trickled),
         30,
         "the trickled downloads to be under way",
     )
@@ -189,7 +188,7 @@ def test_silent_instance_loses_its_batches_after_the_heartbeat_timeout(
     # file host's record of the GET says the download is under way. Its bytes keep
     # arriving in the socket buffer while the process is stopped.
     wait_until(lambda: bool(temp_files_of(output_dir, trickled)), 30, "A's temp file")
-    wait_until(lambda: _fetching(api, trickled), 10, "the file host to see the download")
+    wait_until(lambda: fetching(api, trickled), 10, "the file host to see the download")
     stop_outside_transactions(pg_url, paused)
     stopped = time.monotonic()
     [part] = temp_files_of(output_dir, trickled)
@@ -215,7 +214,7 @@ def test_silent_instance_loses_its_batches_after_the_heartbeat_timeout(
     file_before = final.stat()
     assert file_before.st_ino != paused_inode  # the taker's own download was published
     paused.process.send_signal(signal.SIGCONT)
-    _wait_for_lost_ownership(paused)
+    wait_for_lost_ownership(paused)
     assert paused.process.poll() is None, "the woken instance must keep running"
     for daemon in (paused, taker):
         assert daemon.stop(signal.SIGTERM) == 0

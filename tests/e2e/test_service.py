@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.e2e.support import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
 from tracker.listen import libpq_url
 
 pytestmark = pytest.mark.e2e

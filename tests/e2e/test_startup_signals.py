@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import TRACKER, FakeApi, plain_env, tracker_env
+from tests.e2e.support import TRACKER, FakeApi, plain_env, tracker_env
 
 pytestmark = pytest.mark.e2e
 
