@@ -45,6 +45,12 @@ from common import (
 )
 
 RATE_PER_SECOND = 17  # the Enterprise plan's (tracker.domain.quota)
+# The tracker counts its per-second window over a second plus a margin for the delay from
+# reserving a permit to the call's arrival (tracker.domain.quota.plan_windows), so with the
+# plan's own 17 it calls about 14 a second. This setting brings it to the plan's rate; the
+# row holds only if the window really saw 17 calls a second (a little less for noise).
+RATE_SETTING = 20
+MIN_RATE_SHARE = 0.95
 COMPLETE_SHARE = 5  # one status call in five finds a file
 CPU_SHARE_TARGET = 0.05  # of one core
 # The simulator reports a batch complete this long after its first status call: the
@@ -78,7 +84,7 @@ def _calls_and_files(api: FakeApi) -> tuple[int, int]:
 
 def ceiling_figure(backend: str, admin: sa.Engine | None, window: float) -> Figure:
     # Enough batches that the backlog outlasts the warm-up and the window.
-    count = int(RATE_PER_SECOND * (window + WARM_UP + 10) * 1.5)
+    count = int(RATE_SETTING * (window + WARM_UP + 10) * 1.5)
     prefix = f"ceil{backend[:2]}-"
     ids = [f"{prefix}{i:07d}" for i in range(count)]
     complete = ids[::COMPLETE_SHARE]
@@ -98,11 +104,13 @@ def ceiling_figure(backend: str, admin: sa.Engine | None, window: float) -> Figu
             url,
             api.url,
             directory / "out",
-            TRACKER_RATE_PER_SECOND=str(RATE_PER_SECOND),
+            TRACKER_RATE_PER_SECOND=str(RATE_SETTING),
             TRACKER_POLL_MIN_INTERVAL="3600",
             TRACKER_POLL_MAX_INTERVAL="3600",
         )
-        say(f"ceiling/{backend}: tracker run over {count} due batches at {RATE_PER_SECOND}/s")
+        say(
+            f"ceiling/{backend}: tracker run over {count} due batches, rate setting {RATE_SETTING}/s"
+        )
         with running_daemon(env, directory / "daemon.log") as daemon:
             daemon.wait_for_event("daemon.started", 60)
             calls_before_run = len(complete)
@@ -123,6 +131,7 @@ def ceiling_figure(backend: str, admin: sa.Engine | None, window: float) -> Figu
     wall = wall_end - wall_start
     calls, files = calls_end - calls_start, files_end - files_start
     cpu = cpu_end - cpu_start
+    at_ceiling = calls / wall >= MIN_RATE_SHARE * RATE_PER_SECOND
     return Figure(
         name,
         cpu,
@@ -131,11 +140,10 @@ def ceiling_figure(backend: str, admin: sa.Engine | None, window: float) -> Figu
         "s wall",
         ratio_of(cpu, wall),
         f"<= {CPU_SHARE_TARGET:g}",
-        cpu / wall <= CPU_SHARE_TARGET,
+        cpu / wall <= CPU_SHARE_TARGET and at_ceiling,
         note=(
-            f"{cpu / wall:.1%} of one core; scaled linearly to {RATE_PER_SECOND} calls/s "
-            f"{cpu / wall * RATE_PER_SECOND * wall / max(calls, 1):.1%} (the tracker's "
-            "quota windows keep a safety margin, so it calls below the plan's rate); "
+            f"{cpu / wall:.1%} of one core at TRACKER_RATE_PER_SECOND={RATE_SETTING}"
+            f"{'' if at_ceiling else f' (BELOW the {RATE_PER_SECOND} calls/s asked for)'}; "
             f"the window held {calls} "
             f"status calls ({calls / wall:.1f}/s) and {files} downloads "
             f"({files / max(calls, 1):.0%} of the calls); states after: {states}"

@@ -679,6 +679,8 @@ def make_api_transport() -> httpx.AsyncBaseTransport:
     import aiohttp
     from httpx_aiohttp import AiohttpTransport
 
+    from tracker.aiohttp_errors import MappedErrors
+
     # At most 100 connections, more than any sane TRACKER_CONCURRENCY needs; idle ones
     # are kept, so each worker reuses its own.
     def open_session() -> aiohttp.ClientSession:
@@ -695,7 +697,9 @@ def make_api_transport() -> httpx.AsyncBaseTransport:
         )
 
     transport = AiohttpTransport(client=open_session)
-    return transport
+    # httpx-aiohttp maps connection errors but lets others through as aiohttp's (an answer
+    # that is not HTTP), which the client's `except httpx.RequestError` would miss.
+    return MappedErrors(transport)
 
 
 def make_api_http_client(

@@ -7,8 +7,10 @@ serve downloads, for two reasons read in its source (0.2) and seen on the wire:
   handed out, byte for byte; here the URL goes to aiohttp as already encoded;
 - it turns a connection the server drops or resets before answering into
   `httpx.ConnectTimeout`, which is neither true nor a reason to resume, and lets an answer
-  that is not HTTP escape as an aiohttp exception. Here every aiohttp error becomes the
-  httpx error that httpx's own transport raises for the same failure (`_ERRORS`).
+  that is not HTTP escape as an aiohttp exception (the API client wraps it for that:
+  tracker/aiohttp_errors.py). Here every aiohttp error becomes the
+  httpx error that httpx's own transport raises for the same failure
+  (tracker/aiohttp_errors.py).
 The body bytes themselves would come through it unchanged. httpx's own pool (httpcore)
 is not used either: it reads 64 KiB at a time and costs more CPU per request than
 aiohttp, which matters for a 1 GiB file and for thousands of tiny ones.
@@ -24,28 +26,13 @@ import aiohttp
 import httpx
 import yarl
 
+from tracker.aiohttp_errors import as_httpx_error
+
 __all__ = ["make_download_http_client"]
 
 # What aiohttp buffers per connection before it stops reading the socket (it pauses at
 # twice this): enough to keep bytes coming while the writer catches up, little memory.
 _SOCKET_BUFFER = 1 << 18
-
-# aiohttp's error -> the httpx error for the same failure; the first row that matches
-# wins, so a subclass comes before its base.
-_ERRORS: tuple[tuple[tuple[type[aiohttp.ClientError], ...], type[httpx.TransportError]], ...] = (
-    ((aiohttp.ConnectionTimeoutError,), httpx.ConnectTimeout),
-    ((aiohttp.ServerTimeoutError,), httpx.ReadTimeout),
-    ((aiohttp.ClientProxyConnectionError, aiohttp.ClientHttpProxyError), httpx.ProxyError),
-    ((aiohttp.ClientConnectorError,), httpx.ConnectError),
-    # A body cut short, a connection closed before the answer, an answer that is not
-    # HTTP: what h11 calls a protocol error, and a reason to resume.
-    (
-        (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientResponseError),
-        httpx.RemoteProtocolError,
-    ),
-    ((aiohttp.ClientConnectionError,), httpx.ReadError),
-    ((aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError), httpx.UnsupportedProtocol),
-)
 
 
 def make_download_http_client(
@@ -123,7 +110,7 @@ class _FileHostTransport(httpx.AsyncBaseTransport):
                 timeout=self._timeout_of(request),
             )
         except aiohttp.ClientError as exc:
-            raise _httpx_error(exc, request) from exc
+            raise as_httpx_error(exc, request) from exc
         return httpx.Response(
             response.status,
             headers=response.raw_headers,
@@ -155,17 +142,8 @@ class _ResponseBody(httpx.AsyncByteStream):
                 elif not end_of_http_chunk:
                     return
         except aiohttp.ClientError as exc:
-            raise _httpx_error(exc, self._request) from exc
+            raise as_httpx_error(exc, self._request) from exc
 
     async def aclose(self) -> None:
         # Back to the pool when the body was read to its end; closed otherwise.
         self._response.release()
-
-
-def _httpx_error(exc: aiohttp.ClientError, request: httpx.Request) -> httpx.TransportError:
-    """The httpx exception that httpx's own transport raises for the same failure."""
-    kind = next(
-        (kind for sources, kind in _ERRORS if isinstance(exc, sources)), httpx.TransportError
-    )
-    # aiohttp's message can quote the URL; only its class name travels on.
-    return kind(type(exc).__name__, request=request)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.faults import DaemonLauncher, part_files, sim_stats
+from tests.e2e.faults import DaemonLauncher, events, part_files, sim_stats
 from tests.e2e.support import FakeApi, batch_rows, raw_insert, tracker_env, wait_until
 from tracker.simulator import SimulatorConfig, expected_sha256
 
@@ -190,3 +190,32 @@ def test_checksum_mismatches_fail_and_unframed_bodies_publish_only_when_confirme
         if "unframed" in request["path"] and "range" in request["headers"]
     ]
     assert resumed
+
+
+# --------------------------------------------------------------------------- not HTTP
+
+
+def test_a_status_answer_that_is_not_http_is_a_fault_not_a_crashed_worker(
+    e2e_database_url: str, fake_api: Callable[..., FakeApi], launch: DaemonLauncher, tmp_path: Path
+) -> None:
+    # The API client's bridge let aiohttp's "bad status line" error out unmapped: the
+    # worker crashed and the batch stayed leased for the whole TRACKER_LEASE_DURATION.
+    api = fake_api("--completion-delay", "0.3")
+    output_dir = tmp_path / "out"
+    run = tag()
+    good, not_http = f"ok-{run}", f"nothttp-{run}"
+    daemon = launch(
+        hostile_env(e2e_database_url, api.url, output_dir, TRACKER_LEASE_DURATION="300")
+    )
+    daemon.wait_started()
+    raw_insert(e2e_database_url, [not_http, good])
+
+    wait_until(
+        lambda: downloaded(e2e_database_url, [good, not_http]),
+        45,
+        "both batches downloaded, the one answered twice in something other than HTTP too",
+    )
+    assert sim_stats(api)["status_calls"][not_http] >= 3
+    assert events(daemon, "sweep.worker_crashed") == []
+    assert daemon.stop() == 0
+    assert_files(output_dir, e2e_database_url, [good, not_http], SMALL)

@@ -1200,3 +1200,36 @@ def test_secret_echoed_json_escaped_is_scrubbed_from_detail() -> None:
         assert json.dumps(ODD_SECRET)[1:-1] not in text
         assert "s3cr/et" not in text
     assert "<redacted>" in (answer.detail or "")
+
+
+def test_the_api_transport_turns_an_answer_that_is_not_http_into_an_httpx_error() -> None:
+    # httpx-aiohttp lets aiohttp's "bad status line" through unmapped; the client catches
+    # httpx's errors only, so the worker would crash instead of counting a fault.
+    import aiohttp
+    import yarl
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from tracker.aiohttp_errors import MappedErrors
+
+    class NotHttp(httpx.AsyncBaseTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            raise aiohttp.ClientResponseError(
+                aiohttp.RequestInfo(
+                    yarl.URL(str(request.url)),
+                    "GET",
+                    CIMultiDictProxy(CIMultiDict()),
+                    yarl.URL(str(request.url)),
+                ),
+                (),
+                status=400,
+                message="Bad status line",
+            )
+
+    async def main() -> None:
+        request = httpx.Request("GET", "https://api.example.org/status?request_id=r1")
+        with pytest.raises(httpx.RemoteProtocolError) as raised:
+            await MappedErrors(NotHttp()).handle_async_request(request)
+        assert raised.value.request is request
+        assert "r1" not in str(raised.value)
+
+    asyncio.run(main())

@@ -22,6 +22,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tracker.aiohttp_errors import as_httpx_error
 from tracker.download import (
     ChecksumMismatch,
     DownloadedFile,
@@ -30,7 +31,7 @@ from tracker.download import (
     FileTooLarge,
     OutputUnwritable,
 )
-from tracker.file_transport import _httpx_error, make_download_http_client
+from tracker.file_transport import make_download_http_client
 from tracker.simulator import (
     SimulatorConfig,
     SimulatorHandle,
@@ -363,7 +364,7 @@ def test_each_aiohttp_error_becomes_the_httpx_error_for_the_same_failure(
     error: aiohttp.ClientError, expected: type[httpx.TransportError]
 ) -> None:
     request = httpx.Request("GET", "https://files.example.org/f.csv?X-Amz-Signature=s3cr3t")
-    mapped = _httpx_error(error, request)
+    mapped = as_httpx_error(error, request)
     assert type(mapped) is expected
     assert str(mapped) == type(error).__name__  # aiohttp's text may quote the URL
     assert mapped.request is request

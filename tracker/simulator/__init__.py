@@ -22,6 +22,8 @@ prefix         behaviour of ``GET /v1/verification/batch-processing-status``
                "Source Unavailable"; the others behave as the default.
 ``garbage-``   the first 2 calls answer HTTP 200 with the HTML body
                ``<html>upstream gateway</html>``; then the default.
+``nothttp-``   the first 2 calls are answered with a line that is not HTTP (an SSH banner),
+               then the connection is closed; then the default.
 ``slow-``      completes after 5 x ``completion_delay``.
 ``trunc-``     default, but the first GET of the output file is cut (connection closed)
                after half of the response body; later requests, Range resumes included,

@@ -21,6 +21,7 @@ from tracker.simulator.responses import (
     detail,
     gzip_bomb,
     missing_field,
+    not_http,
     now_ms,
     padded_envelope_ends,
 )
@@ -179,6 +180,10 @@ class DeepvueApi:
         if cfg.error_rate > 0 and self._state.rng.random() < cfg.error_rate:
             self._state.errors_served += 1
             return detail(503, "Source Unavailable")
+        if request_id.startswith("nothttp-") and self._state.of(request_id).dispatched < 2:
+            self._state.of(request_id).dispatched += 1
+            self._state.errors_served += 1
+            return not_http(request)
         if request_id.startswith(("huge-", "gzipbomb-")):
             self._state.of(request_id).dispatched += 1
             self._state.errors_served += 1

@@ -91,3 +91,15 @@ def parse_range(header: str, size: int) -> tuple[int, int] | str | None:
     if last < first:
         return None
     return first, last
+
+
+def not_http(request: web.Request) -> web.Response:
+    """A server that does not speak HTTP: a banner line, then the connection closed.
+
+    The response returned only ends the handler; its connection is gone before it is sent.
+    """
+    transport = request.transport
+    if transport is not None:
+        transport.write(b"SSH-2.0-OpenSSH_9.6\r\n")
+        transport.close()
+    return web.Response(status=204)
