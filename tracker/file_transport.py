@@ -7,10 +7,9 @@ serve downloads, for two reasons read in its source (0.2) and seen on the wire:
   handed out, byte for byte; here the URL goes to aiohttp as already encoded;
 - it turns a connection the server drops or resets before answering into
   `httpx.ConnectTimeout`, which is neither true nor a reason to resume, and lets an answer
-  that is not HTTP escape as an aiohttp exception (the API client wraps it for that:
-  tracker/aiohttp_errors.py). Here every aiohttp error becomes the
-  httpx error that httpx's own transport raises for the same failure
-  (tracker/aiohttp_errors.py).
+  that is not HTTP escape as an aiohttp exception (the API client wraps the bridge for
+  that). Here every aiohttp error becomes the httpx error that httpx's own transport
+  raises for the same failure, by the one table in tracker/aiohttp_errors.py.
 The body bytes themselves would come through it unchanged. httpx's own pool (httpcore)
 is not used either: it reads 64 KiB at a time and costs more CPU per request than
 aiohttp, which matters for a 1 GiB file and for thousands of tiny ones.
