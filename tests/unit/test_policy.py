@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 from tracker.domain.answers import Outcome, StatusAnswer
 from tracker.domain.model import Decision, DownloadProblem, PollPolicy, Tracked
 from tracker.domain.policy import (
-    as_written,
     decide_before_call,
     decide_on_answer,
     decide_on_download_done,
@@ -532,15 +531,25 @@ def test_a_complete_batch_is_planned_ready_first_then_fetched(state: State) -> N
     assert not plan.leftovers_possible
 
 
-def test_the_planned_batch_is_the_row_after_the_ready_write() -> None:
+def test_the_planned_batch_keeps_the_counters_it_was_claimed_with() -> None:
     batch = tracked(State.PROCESSING, checks=4, faults=2, rejections=1, download_attempts=1)
     plan = plan_download(batch, completed(batch))
     assert plan is not None
-    # The write counts the check, resets the fault and rejection streaks (as the decision
-    # says) and keeps the lease: same id, same token.
-    assert plan.batch == replace(
-        batch, state=State.READY, checks=5, faults=0, rejections=0, download_attempts=1
+    # One check more, the lease kept (same id, same token); the fault streak is the claimed
+    # one, though the ready write itself resets the row's.
+    assert plan.batch == replace(batch, state=State.READY, checks=5)
+    assert plan.ready.faults == 0
+
+
+def test_a_full_disk_counts_on_from_the_claimed_faults_so_its_backoff_grows() -> None:
+    batch = tracked(State.READY, checks=6, faults=3, download_attempts=1)
+    plan = plan_download(batch, completed(batch))
+    assert plan is not None
+    decision = decide_on_download_problem(
+        plan.batch, DownloadProblem.UNWRITABLE, "disk full", POLICY, NOW, random.Random(0)
     )
+    assert decision.faults == 4
+    assert decision.download_attempts == 1  # never counted against the batch
 
 
 def test_only_an_already_ready_batch_may_have_left_a_temp_file() -> None:
@@ -564,13 +573,3 @@ def test_no_plan_without_an_output_url(outcome: Outcome) -> None:
 def test_no_plan_for_a_terminal_batch() -> None:
     batch = tracked(State.DOWNLOADED)
     assert plan_download(batch, completed(batch)) is None
-
-
-def test_as_written_counts_a_check_only_when_deepvue_was_reached() -> None:
-    batch = tracked(State.PROCESSING, checks=3, faults=1, rejections=2, download_attempts=4)
-    unreached = Decision(State.PROCESSING, None, checked=False, faults=2, rejections=2)
-    reached = Decision(State.READY, None, checked=True, download_attempts=4)
-    assert as_written(batch, unreached) == replace(batch, faults=2, download_attempts=0)
-    assert as_written(batch, reached) == replace(
-        batch, state=State.READY, checks=4, faults=0, rejections=0
-    )

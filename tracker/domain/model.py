@@ -85,8 +85,8 @@ class DownloadPlan:
     # The write before the fetch: the batch becomes (or stays) ready, its lease is kept, and
     # no URL is stored.
     ready: Decision
-    # The batch as the store holds it once `ready` is applied: what the download's own
-    # decision starts from.
+    # What the download's own decision starts from: the claimed batch, now ready and
+    # checked once more, its lease kept (same token).
     batch: Tracked
     url: str
     # An earlier fetch may have been killed and left a temp file behind to clean up.

@@ -280,22 +280,6 @@ def decide_on_answer(
             )
 
 
-def as_written(batch: Tracked, decision: Decision) -> Tracked:
-    """The batch as the store holds it once `decision` is written (still leased, same token).
-
-    The store's worker write takes the state and the counters from the decision, and counts
-    one more check when the decision says Deepvue was reached.
-    """
-    return replace(
-        batch,
-        state=decision.to_state,
-        checks=batch.checks + 1 if decision.checked else batch.checks,
-        faults=decision.faults,
-        rejections=decision.rejections,
-        download_attempts=decision.download_attempts,
-    )
-
-
 def plan_download(batch: Tracked, decision: Decision) -> DownloadPlan | None:
     """How to fetch the output `decision` found for `batch`; None when there is none to fetch.
 
@@ -305,10 +289,12 @@ def plan_download(batch: Tracked, decision: Decision) -> DownloadPlan | None:
     url = decision.download_url
     if url is None:
         return None
-    ready = replace(decision, download_url=None)
     return DownloadPlan(
-        ready=ready,
-        batch=as_written(batch, ready),
+        ready=replace(decision, download_url=None),
+        # Ready, one check more, and the counters it was claimed with: the ready write
+        # resets the row's fault streak (Deepvue answered), but a download problem counts
+        # on from the claimed one, so that a full disk's backoff grows over the attempts.
+        batch=replace(batch, state=State.READY, checks=batch.checks + 1),
         url=url,
         # Only a batch that was already ready can have a fetch that died without cleaning
         # up (kill -9 mid-download): every fetch starts with a "ready" write.
