@@ -188,21 +188,22 @@ class _Pass:
             self._exhausted_at = self._loop.time() if len(claimed) < want else None
         return True
 
-    async def wind_down(self) -> bool:
-        """Whether the pass is over: nothing in flight and nothing to claim now, or a stop
-        (in-flight work then finishes within the grace period and the rest goes back)."""
-        if not self._any() and self._claiming is None:
-            # Nothing in flight. Out of permits, wait for the next one when it is near
-            # (the per-second window), else finish and let a later sweep pick up the rest.
-            wait = self._quota_at - self._loop.time()
-            if (
-                not self._may_claim()
-                or self._exhausted_at is not None
-                or wait > self._max_quota_wait
-            ):
-                return True
-            await self._sleep_unless_stopping(wait)
+    def idle(self) -> bool:
+        """Nothing in flight, nothing claimed ahead, no claim running."""
+        return not self._any() and self._claiming is None
+
+    async def wait_for_permit(self) -> bool:
+        """While idle: wait for the next call permit when it is near (the per-second window)
+        and say whether to go on; False ends the pass, and a later sweep picks up the rest."""
+        wait = self._quota_at - self._loop.time()
+        if not self._may_claim() or self._exhausted_at is not None or wait > self._max_quota_wait:
             return False
+        await self._sleep_unless_stopping(wait)
+        return True
+
+    async def wind_down(self) -> bool:
+        """Whether a stop has come; if so, in-flight work finishes within the grace period and
+        the rest goes back."""
         if not self._stopping.is_set():
             return False
         if self._claiming is not None:
@@ -400,6 +401,10 @@ class Sweeper:
                 await one_pass.refill()
                 if one_pass.claim():
                     continue  # refill from what came in before anything else
+                if one_pass.idle():
+                    if not await one_pass.wait_for_permit():
+                        break
+                    continue  # a permit is free now: claim before waiting on anything
                 if await one_pass.wind_down():
                     break
                 await one_pass.absorb()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -18,7 +19,7 @@ from tests.fake_deepvue import FakeDeepvue, completed, in_progress, open_clients
 from tracker.budget import MemoryBudget, Throttle
 from tracker.db import create_engine_for, upgrade_database
 from tracker.domain.model import PollPolicy
-from tracker.domain.quota import Grant, plan_windows
+from tracker.domain.quota import Grant, Window, plan_windows
 from tracker.schema import batches
 from tracker.store import BatchRow, Store
 from tracker.sweep import Sweeper, SweepReport
@@ -276,3 +277,22 @@ def test_a_stop_while_the_claim_runs_hands_back_everything_it_claimed(
     for row in harness.rows().values():
         assert (row.state, row.checks, row.lease_owner) == ("pending", 0, None)
     assert asyncio.run(harness.calls_used()) == 0
+
+
+def test_a_sweep_paced_by_the_call_budget_claims_as_soon_as_a_permit_frees(
+    store: Store, fake: FakeDeepvue, tmp_path: Path
+) -> None:
+    # Five calls per 0.25 s window, fifteen batches: three rounds, each waiting for the
+    # window to free. Once the wait is over the pass claims at once; it must not then also
+    # sit out the in-flight wait (up to a second) with nothing in flight.
+    budget = MemoryBudget([Window("second", 5, 0.2, 0.05)])
+    harness = Harness(store, fake, budget, tmp_path / "out")
+    store.enqueue_many([f"open-{n}" for n in range(15)])
+
+    started = time.monotonic()
+    report = asyncio.run(harness.sweep(concurrency=8))
+    took = time.monotonic() - started
+
+    assert report.checked == 15
+    # About 0.6 s here; a second of idling per round would make it 2.6 s or more.
+    assert took < 1.8, f"{took:.2f} s for three rounds of a 0.25 s window"
