@@ -1,5 +1,5 @@
-"""The simulated Deepvue API: authorize, batch status (by request_id prefix, see the
-package docstring) and batch submission."""
+"""The simulated Deepvue API: authorize, batch status (by request_id prefix, see
+docs/simulator.md) and batch submission."""
 
 from __future__ import annotations
 
