@@ -1205,3 +1205,53 @@ def test_non_loopback_webhook_urls_are_refused(url: str, client: httpx.Client) -
         running_simulator(dataclasses.replace(FAST, webhook_url=url)),
     ):
         pass
+
+
+def test_fake_api_webhook_flags(receiver: Receiver) -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tracker", "fake-api", "--port", "0"),
+            *("--completion-delay", "0.2", "--webhook-url", receiver.url),
+            *("--webhook-delay", "0.1:0.2", "--webhook-duplicates", "2"),
+            *("--webhook-wrong-secret-rate", "1", "--webhook-garbage-rate", "1"),
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = json.loads(proc.stdout.readline())["url"]
+        with httpx.Client(base_url=base_url) as c:
+            status(c, auth_headers(c), "cli-1")
+            got = receiver.wait_for(2, timeout=10)
+        assert all(not path.endswith("/s3cret") for path, _, _ in got)
+        for _, body, _ in got:
+            with pytest.raises(ValueError):
+                json.loads(body)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+def test_webhook_drops_are_seeded_and_reproducible(receiver: Receiver) -> None:
+    def dropped_ids(seed: int) -> set[str]:
+        config = hooked(receiver, webhook_drop_rate=0.5, seed=seed)
+        with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+            headers = auth_headers(c)
+            for n in range(20):
+                status(c, headers, f"seeded-{n}")
+            by_id = sim.stats()["webhooks_by_id"]
+            return {key for key, counts in by_id.items() if counts["dropped"]}
+
+    first = dropped_ids(7)
+    assert 0 < len(first) < 20
+    assert dropped_ids(7) == first
+    assert dropped_ids(8) != first
