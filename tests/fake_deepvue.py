@@ -9,7 +9,8 @@ answers by host and path:
   answer is the next one scripted for the request id (`script`), else `status_override`,
   else `default_status(request_id)`;
 - POST /v1/verification/upi-basic/batch: an upload, answered by `submit_override` or
-  with a new request id;
+  with a new request id; the `webhook_url` query parameter of each is kept in
+  `submitted_webhook_urls` (None when absent);
 - GET https://FILES_HOST/out/<request_id>.csv: a small file, held back while
   `held[request_id]` is unset.
 
@@ -124,6 +125,7 @@ class FakeDeepvue:
         self.authorize_forms: list[dict[str, list[str]]] = []
         self.status_requests: list[httpx.Request] = []
         self.uploads: list[httpx.Request] = []
+        self.submitted_webhook_urls: list[str | None] = []
         self.file_requests: list[str] = []
         # The tokens the status and upload endpoints accept (the newest one issued).
         self.valid: set[str] = set()
@@ -210,6 +212,7 @@ class FakeDeepvue:
     def _submit(self, request: httpx.Request) -> httpx.Response:
         assert request.method == "POST"
         self.uploads.append(request)
+        self.submitted_webhook_urls.append(request.url.params.get("webhook_url"))
         refused = self._token_refused(request)
         if refused is not None:
             return refused

@@ -373,6 +373,12 @@ def cmd_fake_api(args: argparse.Namespace) -> int:
         big_file_size=args.big_file_size,
         throttle_first=args.throttle_first,
         throttle_retry_after=args.throttle_retry_after,
+        webhook_url=args.webhook_url,
+        webhook_drop_rate=args.webhook_drop_rate,
+        webhook_delay=args.webhook_delay,
+        webhook_duplicates=args.webhook_duplicates,
+        webhook_wrong_secret_rate=args.webhook_wrong_secret_rate,
+        webhook_garbage_rate=args.webhook_garbage_rate,
     )
 
     def announce(url: str) -> None:
@@ -642,6 +648,60 @@ def configure_fake_api_parser(commands: Commands) -> None:
         metavar="VALUE",
         help="the Retry-After header of those 429s, sent as given (default 300)",
     )
+    fake.add_argument(
+        "--webhook-url",
+        default=None,
+        metavar="URL",
+        help="POST each batch's webhook here when it completes (loopback only), unless its "
+        "submission or POST /_sim/webhooks named another",
+    )
+    fake.add_argument(
+        "--webhook-drop-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of webhooks never sent",
+    )
+    fake.add_argument(
+        "--webhook-delay",
+        type=_delay_range_arg,
+        default=(0.0, 0.0),
+        metavar="SECONDS|LOW:HIGH",
+        help="seconds from completion to the webhook, or a range drawn uniformly (default 0)",
+    )
+    fake.add_argument(
+        "--webhook-duplicates",
+        type=int,
+        default=1,
+        metavar="N",
+        help="send each webhook N times (default 1)",
+    )
+    fake.add_argument(
+        "--webhook-wrong-secret-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of deliveries sent with the URL's last path segment (its secret) altered",
+    )
+    fake.add_argument(
+        "--webhook-garbage-rate",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of deliveries whose body is random bytes instead of JSON",
+    )
+
+
+def _delay_range_arg(text: str) -> tuple[float, float]:
+    low_text, _, high_text = text.partition(":")
+    try:
+        low = float(low_text)
+        high = float(high_text) if high_text else low
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SECONDS or LOW:HIGH") from None
+    if not 0 <= low <= high:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= LOW <= HIGH")
+    return (low, high)
 
 
 def configure_demo_parser(commands: Commands) -> None:

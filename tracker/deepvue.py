@@ -203,8 +203,10 @@ class DeepvueClient:
             )
         )
 
-    async def submit_upi_batch(self, batch_file: Path) -> str:
+    async def submit_upi_batch(self, batch_file: Path, *, webhook_url: str | None = None) -> str:
         """Upload a UPI batch file (`POST /v1/verification/upi-basic/batch`); its request_id.
+        With `webhook_url`, Deepvue is asked to call it when the batch is done (sent as the
+        `webhook_url` query parameter, as documented; what Deepvue then sends is not).
 
         Raises SubmitFailed with Deepvue's reason, or AuthFailed if the credentials are
         refused even after re-authorizing. The upload counts against the call budget.
@@ -213,13 +215,13 @@ class DeepvueClient:
             token = await self._get_token(rejected=None)
         except _AuthUnavailable as exc:
             raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
-        response, content = await self._submit_call(batch_file, token)
+        response, content = await self._submit_call(batch_file, token, webhook_url)
         if response.status_code in (401, 403):
             try:
                 token = await self._get_token(rejected=token)
             except _AuthUnavailable as exc:
                 raise SubmitFailed(f"could not authorize: {exc.answer.detail}") from None
-            response, content = await self._submit_call(batch_file, token)
+            response, content = await self._submit_call(batch_file, token, webhook_url)
             if response.status_code in (401, 403):
                 raise AuthFailed(
                     f"Deepvue refused the credentials for client_id={self._client_id}: "
@@ -236,7 +238,9 @@ class DeepvueClient:
             f"{trim_raw(self._scrub(str(detail)), 300)}"
         )
 
-    async def _submit_call(self, batch_file: Path, token: _Token) -> tuple[httpx.Response, bytes]:
+    async def _submit_call(
+        self, batch_file: Path, token: _Token, webhook_url: str | None
+    ) -> tuple[httpx.Response, bytes]:
         try:
             await self._throttle.acquire()
         except CallsPaused as paused:
@@ -249,6 +253,7 @@ class DeepvueClient:
                 request = self._http.build_request(
                     "POST",
                     f"{self._base_url}{UPI_BATCH_PATH}",
+                    params={} if webhook_url is None else {"webhook_url": webhook_url},
                     files={"batch_file": (batch_file.name, upload, "text/csv")},
                     headers={
                         "Authorization": f"Bearer {token.value}",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -11,15 +13,18 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from aiohttp import web
 
 from tracker.simulator import (
     MULTIPART_THRESHOLD,
@@ -925,3 +930,328 @@ def test_gzipbomb_prefix_is_small_on_the_wire_and_inflates_to_gzip_bomb_size() -
     inflated = gzip.decompress(wire)
     assert len(inflated) == 20_000_000
     assert json.loads(inflated)["code"] == 200
+
+
+# --------------------------------------------------------------------------- webhooks
+
+
+class Receiver:
+    """A little aiohttp server on loopback, on its own thread, recording every POST."""
+
+    def __init__(self, answer_after: float = 0.0, status: int = 200) -> None:
+        self.answer_after = answer_after
+        self.status = status
+        self.deliveries: list[tuple[str, bytes, float]] = []
+        self.url = ""
+        self._lock = threading.Lock()
+
+    async def _record(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        with self._lock:
+            self.deliveries.append((request.path, body, time.monotonic()))
+        if self.answer_after:
+            await asyncio.sleep(self.answer_after)
+        return web.Response(status=self.status, text="ok")
+
+    def received(self) -> list[tuple[str, bytes, float]]:
+        with self._lock:
+            return list(self.deliveries)
+
+    def wait_for(self, count: int, timeout: float = 5.0) -> list[tuple[str, bytes, float]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(got := self.received()) >= count:
+                return got
+            time.sleep(0.02)
+        raise AssertionError(f"{len(self.received())} deliveries, expected {count}")
+
+
+@contextmanager
+def running_receiver(answer_after: float = 0.0, status: int = 200) -> Iterator[Receiver]:
+    receiver = Receiver(answer_after, status)
+    ready = threading.Event()
+    loop = asyncio.new_event_loop()
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_post("/{tail:.*}", receiver._record)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        receiver.url = f"http://127.0.0.1:{port}/hooks/deepvue/s3cret"
+        ready.set()
+        await stop.wait()
+        await runner.cleanup()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    try:
+        yield receiver
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with running_receiver() as handle:
+        yield handle
+
+
+def hooked(receiver: Receiver, **knobs: Any) -> SimulatorConfig:
+    return dataclasses.replace(FAST, webhook_url=receiver.url, **knobs)
+
+
+def test_completion_fires_one_webhook_with_the_id(receiver: Receiver) -> None:
+    with running_simulator(hooked(receiver)) as sim, httpx.Client(base_url=sim.base_url) as c:
+        headers = auth_headers(c)
+        started = time.monotonic()
+        assert status(c, headers, "hook-1").json()["data"]["status"] == 201
+        [(path, body, at)] = receiver.wait_for(1)
+        # Sent at the moment of completion, with no further status call.
+        assert at - started >= FAST.completion_delay
+        assert sim.stats()["status_calls"] == {"hook-1": 1}
+        assert path == "/hooks/deepvue/s3cret"
+        delivered = json.loads(body)
+        assert delivered["request_id"] == "hook-1"
+        assert delivered["status"] == "completed"
+        assert delivered["data"]["request_id"] == "hook-1"
+        # And the status call agrees: it is completed now.
+        assert status(c, headers, "hook-1").json()["data"]["status"] == 200
+        time.sleep(0.3)
+        assert len(receiver.received()) == 1
+        stats = sim.stats()
+        assert stats["webhooks_sent"] == 1
+        assert stats["webhooks_dropped"] == 0
+        assert stats["webhook_failures"] == 0
+        assert stats["webhooks_by_id"] == {"hook-1": {"sent": 1, "dropped": 0, "failures": 0}}
+
+
+def test_failed_batches_get_a_failed_webhook_and_never_finishing_ones_none(
+    receiver: Receiver,
+) -> None:
+    with running_simulator(hooked(receiver)) as sim, httpx.Client(base_url=sim.base_url) as c:
+        headers = auth_headers(c)
+        for request_id in ("fail-1", "invalid-1", "missing-1", "ratelimit-1"):
+            status(c, headers, request_id)
+        [(_, body, _)] = receiver.wait_for(1)
+        assert json.loads(body)["status"] == "failed"
+        time.sleep(0.4)
+        assert len(receiver.received()) == 1
+
+
+def test_no_webhook_without_a_url(receiver: Receiver, client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    completed_url(client, headers, "plain-1")
+    time.sleep(0.2)
+    assert receiver.received() == []
+
+
+def test_webhook_registered_per_id_or_for_all_through_the_hook(receiver: Receiver) -> None:
+    with running_simulator(FAST) as sim, httpx.Client(base_url=sim.base_url) as c:
+        headers = auth_headers(c)
+        only = c.post("/_sim/webhooks", json={"url": receiver.url + "/one", "request_id": "a-1"})
+        assert only.status_code == 200
+        status(c, headers, "a-1")
+        status(c, headers, "b-1")
+        [(path, body, _)] = receiver.wait_for(1)
+        assert path.endswith("/one")
+        assert json.loads(body)["request_id"] == "a-1"
+        time.sleep(0.3)
+        assert len(receiver.received()) == 1
+        assert c.post("/_sim/webhooks", json={"url": receiver.url}).status_code == 200
+        status(c, headers, "c-1")
+        receiver.wait_for(2)
+        assert json.loads(receiver.received()[1][1])["request_id"] == "c-1"
+        # A reset forgets the registrations.
+        c.post("/_sim/reset")
+        status(c, headers, "d-1")
+        time.sleep(0.4)
+        assert len(receiver.received()) == 2
+        assert c.post("/_sim/webhooks", json={"nope": 1}).status_code == 400
+
+
+def test_submit_with_webhook_url_query_parameter(receiver: Receiver, client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    response = client.post(
+        "/v1/verification/upi-basic/batch",
+        params={"webhook_url": receiver.url},
+        headers=headers,
+        files={"batch_file": ("in.csv", b"vpa\nx@upi\n", "text/csv")},
+    )
+    assert response.status_code == 200
+    request_id = response.json()["request_id"]
+    status(client, headers, request_id)
+    [(_, body, _)] = receiver.wait_for(1)
+    assert json.loads(body)["request_id"] == request_id
+
+
+def test_drop_rate_one_sends_none(receiver: Receiver) -> None:
+    config = hooked(receiver, webhook_drop_rate=1.0)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+        headers = auth_headers(c)
+        for n in range(3):
+            status(c, headers, f"drop-{n}")
+        completed_url(c, headers, "drop-0")
+        time.sleep(0.3)
+        assert receiver.received() == []
+        stats = sim.stats()
+        assert stats["webhooks_dropped"] == 3
+        assert stats["webhooks_sent"] == 0
+
+
+def test_duplicates_three_sends_three(receiver: Receiver) -> None:
+    config = hooked(receiver, webhook_duplicates=3)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+        status(c, auth_headers(c), "dup-1")
+        got = receiver.wait_for(3)
+        time.sleep(0.3)
+        assert len(receiver.received()) == 3
+        assert {json.loads(body)["request_id"] for _, body, _ in got} == {"dup-1"}
+        assert sim.stats()["webhooks_sent"] == 3
+
+
+def test_delay_range_holds_the_webhook_back(receiver: Receiver) -> None:
+    config = hooked(receiver, webhook_delay=(0.5, 0.6))
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+        started = time.monotonic()
+        status(c, auth_headers(c), "late-1")
+        [(_, _, at)] = receiver.wait_for(1)
+        assert at - started >= FAST.completion_delay + 0.5
+
+
+def test_garbage_rate_one_sends_non_json(receiver: Receiver) -> None:
+    config = hooked(receiver, webhook_garbage_rate=1.0, webhook_duplicates=2)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+        status(c, auth_headers(c), "junk-1")
+        got = receiver.wait_for(2)
+        for _, body, _ in got:
+            with pytest.raises(ValueError):
+                json.loads(body)
+        assert got[0][1] != got[1][1]
+
+
+def test_wrong_secret_alters_the_last_path_segment(receiver: Receiver) -> None:
+    config = hooked(receiver, webhook_wrong_secret_rate=1.0)
+    with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+        status(c, auth_headers(c), "wrong-1")
+        [(path, body, _)] = receiver.wait_for(1)
+        assert path.startswith("/hooks/deepvue/")
+        secret = path.rsplit("/", 1)[1]
+        assert secret != "s3cret"
+        assert len(secret) == len("s3cret")
+        assert json.loads(body)["request_id"] == "wrong-1"
+
+
+def test_receiver_errors_count_as_failures() -> None:
+    with ExitStack() as stack:
+        receiver = stack.enter_context(running_receiver(status=404))
+        sim = stack.enter_context(running_simulator(hooked(receiver)))
+        c = stack.enter_context(httpx.Client(base_url=sim.base_url))
+        status(c, auth_headers(c), "nf-1")
+        receiver.wait_for(1)
+        deadline = time.monotonic() + 5
+        while sim.stats()["webhook_failures"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sim.stats()["webhooks_by_id"]["nf-1"] == {"sent": 1, "dropped": 0, "failures": 1}
+
+
+def test_a_slow_receiver_never_delays_the_api() -> None:
+    with ExitStack() as stack:
+        receiver = stack.enter_context(running_receiver(answer_after=3.0))
+        sim = stack.enter_context(running_simulator(hooked(receiver, webhook_duplicates=3)))
+        c = stack.enter_context(httpx.Client(base_url=sim.base_url))
+        headers = auth_headers(c)
+        status(c, headers, "busy-1")
+        receiver.wait_for(1)
+        # The receiver now holds the first delivery for seconds; the API answers at once.
+        started = time.monotonic()
+        for _ in range(5):
+            assert status(c, headers, "busy-1").json()["data"]["status"] == 200
+        assert c.get("/_sim/stats").status_code == 200
+        assert time.monotonic() - started < 1.0
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/hook/secret",
+        "http://10.0.0.1/hook",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://user:pass@127.0.0.1/hook",
+        "file:///etc/passwd",
+        "http://127.0.0.1.nip.io/hook",
+    ],
+)
+def test_non_loopback_webhook_urls_are_refused(url: str, client: httpx.Client) -> None:
+    headers = auth_headers(client)
+    refused = client.post("/_sim/webhooks", json={"url": url})
+    assert refused.status_code == 400
+    upload = client.post(
+        "/v1/verification/upi-basic/batch",
+        params={"webhook_url": url},
+        headers=headers,
+        files={"batch_file": ("in.csv", b"x\n", "text/csv")},
+    )
+    assert upload.status_code == 422
+    assert client.get("/_sim/stats").json()["webhooks_refused"] == 2
+    with (
+        pytest.raises(ValueError, match="webhook"),
+        running_simulator(dataclasses.replace(FAST, webhook_url=url)),
+    ):
+        pass
+
+
+def test_fake_api_webhook_flags(receiver: Receiver) -> None:
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "tracker", "fake-api", "--port", "0"),
+            *("--completion-delay", "0.2", "--webhook-url", receiver.url),
+            *("--webhook-delay", "0.1:0.2", "--webhook-duplicates", "2"),
+            *("--webhook-wrong-secret-rate", "1", "--webhook-garbage-rate", "1"),
+        ],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(root)},
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = json.loads(proc.stdout.readline())["url"]
+        with httpx.Client(base_url=base_url) as c:
+            status(c, auth_headers(c), "cli-1")
+            got = receiver.wait_for(2, timeout=10)
+        assert all(not path.endswith("/s3cret") for path, _, _ in got)
+        for _, body, _ in got:
+            with pytest.raises(ValueError):
+                json.loads(body)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0
+
+
+def test_webhook_drops_are_seeded_and_reproducible(receiver: Receiver) -> None:
+    def dropped_ids(seed: int) -> set[str]:
+        config = hooked(receiver, webhook_drop_rate=0.5, seed=seed)
+        with running_simulator(config) as sim, httpx.Client(base_url=sim.base_url) as c:
+            headers = auth_headers(c)
+            for n in range(20):
+                status(c, headers, f"seeded-{n}")
+            by_id = sim.stats()["webhooks_by_id"]
+            return {key for key, counts in by_id.items() if counts["dropped"]}
+
+    first = dropped_ids(7)
+    assert 0 < len(first) < 20
+    assert dropped_ids(7) == first
+    assert dropped_ids(8) != first

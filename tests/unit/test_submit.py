@@ -83,3 +83,45 @@ def test_submit_with_refused_credentials(tmp_path: Path) -> None:
     with pytest.raises(AuthFailed):
         asyncio.run(client.submit_upi_batch(batch))
     assert fake.authorizations == 2  # re-authorized once, then gave up
+
+
+def test_submit_without_webhook_sends_no_webhook_url(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("vpa\nname@upi\n")
+    fake = FakeDeepvue()
+
+    client, _ = make_client(fake)
+    assert asyncio.run(client.submit_upi_batch(batch)) == "submitted-1"
+    assert fake.submitted_webhook_urls == [None]
+    assert "webhook_url" not in fake.uploads[0].url.query.decode()
+
+
+def test_submit_passes_the_webhook_url_as_a_query_parameter(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("vpa\nname@upi\n")
+    fake = FakeDeepvue()
+    hook = "https://tracker.example.com/webhooks/deepvue/s3cr3t?x=1&y=a b"
+
+    client, _ = make_client(fake)
+    assert asyncio.run(client.submit_upi_batch(batch, webhook_url=hook)) == "submitted-1"
+    # Exactly as given, percent-encoded on the wire; the file is still the form field.
+    assert fake.submitted_webhook_urls == [hook]
+    [upload] = fake.uploads
+    assert upload.url.path == "/v1/verification/upi-basic/batch"
+    assert b'name="batch_file"; filename="upi.csv"' in upload.read()
+
+
+def test_submit_keeps_the_webhook_url_when_it_re_authorizes(tmp_path: Path) -> None:
+    batch = tmp_path / "upi.csv"
+    batch.write_text("x\n")
+    fake = FakeDeepvue()
+    answers = iter([httpx.Response(401, json={"detail": "Not a valid token"})])
+    fake.submit_override = lambda request: next(
+        answers, httpx.Response(200, json={"code": 201, "request_id": "after-reauth"})
+    )
+
+    client, _ = make_client(fake)
+    hook = "http://127.0.0.1:9/hook/secret"
+    assert asyncio.run(client.submit_upi_batch(batch, webhook_url=hook)) == "after-reauth"
+    assert fake.submitted_webhook_urls == [hook, hook]
+    assert fake.authorizations == 2

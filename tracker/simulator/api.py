@@ -27,6 +27,7 @@ from tracker.simulator.responses import (
 )
 from tracker.simulator.signing import Signer
 from tracker.simulator.state import IdState, SimulatorState
+from tracker.simulator.webhooks import NotLoopback, WebhookSender
 
 OUTPUT_DIR: Final = "/upi-basic-batch-output-files/"
 # Where every hostile output URL below points: cloud metadata, the classic SSRF target.
@@ -42,6 +43,7 @@ class DeepvueApi:
         state: SimulatorState,
         signer: Signer,
         stopping: asyncio.Event,
+        webhooks: WebhookSender,
     ) -> None:
         self.config = config
         # Set once the server is bound: the host the output URLs point at.
@@ -49,6 +51,7 @@ class DeepvueApi:
         self._state = state
         self._signer = signer
         self._stopping = stopping
+        self._webhooks = webhooks
         # Separate stream so submissions never shift the error_rate sequence for a seed.
         self._id_rng = random.Random(f"{config.seed}:request-ids")
 
@@ -220,8 +223,10 @@ class DeepvueApi:
     def _status_by_prefix(self, request: web.Request, request_id: str) -> web.Response:
         now = time.monotonic()
         state = self._state.of(request_id)
+        delay = self.config.completion_delay * (5 if request_id.startswith("slow-") else 1)
         if state.first_call is None:
             state.first_call = now
+            self._webhooks.batch_started(request_id, delay, failed=request_id.startswith("fail-"))
         state.dispatched += 1
         if request_id.startswith("invalid-"):
             return detail(400, "Invalid request_id")
@@ -241,7 +246,6 @@ class DeepvueApi:
             self._state.errors_served += 1
             return web.Response(text="<html>upstream gateway</html>", content_type="text/html")
 
-        delay = self.config.completion_delay * (5 if request_id.startswith("slow-") else 1)
         if now - state.first_call < delay:
             data = {"status": 201, "message": "batch processing in progress", "url": None}
         elif request_id.startswith("fail-"):
@@ -286,13 +290,21 @@ class DeepvueApi:
                 found = False
         if not found:
             return missing_field("body", "batch_file")
+        request_id = f"{self._id_rng.getrandbits(128):032x}"
+        # As documented for Deepvue, the webhook URL is a query parameter.
+        webhook_url = request.query.get("webhook_url")
+        if webhook_url is not None:
+            try:
+                self._webhooks.register(webhook_url, request_id)
+            except NotLoopback as exc:
+                return detail(422, f"webhook_url refused by the simulator: {exc}")
         self._state.submissions += 1
         return web.json_response(
             {
                 "code": 201,
                 "timestamp": now_ms(),
                 "transaction_id": uuid.uuid4().hex,
-                "request_id": f"{self._id_rng.getrandbits(128):032x}",
+                "request_id": request_id,
                 "message": "batch processing in progress",
                 "sub_code": "SUCCESS",
                 "output_batch_file": "",

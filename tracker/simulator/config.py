@@ -28,3 +28,12 @@ class SimulatorConfig:
     # What ``huge-`` status answers are padded to, and what ``gzipbomb-`` ones inflate to.
     huge_answer_size: int = 64 * 1024 * 1024
     gzip_bomb_size: int = 256 * 1024 * 1024
+    # Webhooks (docs/simulator.md): where every batch's goes unless the submission or
+    # POST /_sim/webhooks named another (loopback only), and the injected faults. The delay
+    # after completion is drawn uniformly from the (low, high) range.
+    webhook_url: str | None = None
+    webhook_drop_rate: float = 0.0
+    webhook_delay: tuple[float, float] = (0.0, 0.0)
+    webhook_duplicates: int = 1
+    webhook_wrong_secret_rate: float = 0.0
+    webhook_garbage_rate: float = 0.0
