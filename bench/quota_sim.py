@@ -25,6 +25,14 @@ The sweep is modelled as the daemon runs it: a batch is looked at on the first s
 refuses waits until the ledger says a call fits. A check held back because the day window
 was full is a quota overrun.
 
+On the Starter steady scenario the tracker also runs with webhooks on, on the same days
+and seeds: when a batch completes, its webhook arrives with probability WEBHOOK_ARRIVES
+after an exponential delay (mean WEBHOOK_MEAN_DELAY, capped at WEBHOOK_CAP), else never;
+it brings the next check forward to the next sweep tick, at most one early check per
+min_interval, through the same ledger. Its rows: p95 delay of the batches whose webhook
+arrived and of those whose webhook was lost (against polling alone), calls per batch and
+quota overruns.
+
 The measured day is the second of three days of the same load: the ledger already holds
 the previous day's calls (as it does in production, where the window slides and survives
 restarts), and batches keep arriving after it. The first day of a fresh install (empty
@@ -371,8 +379,10 @@ class Outcome:
     best_intervals: list[float]
     # The age shaping at the hindsight base interval (see the module docstring).
     shaped: Run | None = None
-    # The tracker with webhooks on, on the same batches.
+    # The tracker with webhooks on, on the same batches; and the same webhooks with a
+    # schedule not told to expect them (webhook_share 0), for information.
     webhooks: Run | None = None
+    webhooks_unexpected: Run | None = None
 
 
 def run_scenario(
@@ -390,6 +400,7 @@ def run_scenario(
         [],
         Run() if with_best else None,
         Run() if with_webhooks else None,
+        Run() if with_webhooks else None,
     )
     for seed in seeds:
         batches = make_batches(seed, scenario.days)
@@ -397,16 +408,21 @@ def run_scenario(
         outcome.tracker.add(
             simulate(batches, scenario.plan, tracker_policy(seed), measured=measured)
         )
-        if outcome.webhooks is not None:
-            outcome.webhooks.add(
-                simulate(
-                    batches,
-                    scenario.plan,
-                    tracker_policy(seed, WEBHOOK_POLICY),
-                    measured=measured,
-                    webhooks=make_webhooks(seed, batches),
+        if outcome.webhooks is not None and outcome.webhooks_unexpected is not None:
+            hooks = make_webhooks(seed, batches)
+            for into, policy in (
+                (outcome.webhooks, WEBHOOK_POLICY),
+                (outcome.webhooks_unexpected, POLICY),
+            ):
+                into.add(
+                    simulate(
+                        batches,
+                        scenario.plan,
+                        tracker_policy(seed, policy),
+                        measured=measured,
+                        webhooks=hooks,
+                    )
                 )
-            )
         outcome.naive.add(
             simulate(
                 batches,
@@ -484,8 +500,8 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
         return rows
     assert best is not None
     steady = outcome.scenario is STEADY
-    if outcome.webhooks is not None:
-        rows += webhook_figures(label, tracker, outcome.webhooks)
+    if outcome.webhooks is not None and outcome.webhooks_unexpected is not None:
+        rows += webhook_figures(label, tracker, outcome.webhooks, outcome.webhooks_unexpected)
     mean_interval = sum(outcome.best_intervals) / len(outcome.best_intervals)
     rows.append(
         _figure(
@@ -550,8 +566,11 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
     return rows
 
 
-def webhook_figures(label: str, polling: Run, hooked: Run) -> list[Figure]:
-    """The tracker with webhooks on, against itself polling alone on the same batches."""
+def webhook_figures(label: str, polling: Run, hooked: Run, unexpected: Run) -> list[Figure]:
+    """The tracker with webhooks on, against itself polling alone on the same batches.
+
+    `unexpected` had the same webhooks but a schedule not told to expect them.
+    """
     arrived = hooked.quantile(0.95, hooked.arrived_delays)
     lost = hooked.quantile(0.95, hooked.lost_delays)
     alone = polling.quantile(0.95)
@@ -584,6 +603,16 @@ def webhook_figures(label: str, polling: Run, hooked: Run) -> list[Figure]:
             "",
             "<= 2",
             hooked.calls_per_batch <= 2,
+        ),
+        _figure(
+            f"{label}: calls per batch, webhooks on, schedule not told (vs webhooks on)",
+            unexpected.calls_per_batch,
+            hooked.calls_per_batch,
+            "",
+            "",
+            "info",
+            None,
+            note=f"webhook_share 0: lost-webhook p95 {unexpected.quantile(0.95, unexpected.lost_delays):.0f} s; what the webhook-aware plan saves",
         ),
         _figure(
             f"{label}: quota overruns, webhooks on (vs polling alone)",
