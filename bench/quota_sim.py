@@ -25,6 +25,14 @@ The sweep is modelled as the daemon runs it: a batch is looked at on the first s
 refuses waits until the ledger says a call fits. A check held back because the day window
 was full is a quota overrun.
 
+On the Starter steady scenario the tracker also runs with webhooks on, on the same days
+and seeds: when a batch completes, its webhook arrives with probability WEBHOOK_ARRIVES
+after an exponential delay (mean WEBHOOK_MEAN_DELAY, capped at WEBHOOK_CAP), else never;
+it brings the next check forward to the next sweep tick, at most one early check per
+min_interval, through the same ledger. Its rows: p95 delay of the batches whose webhook
+arrived and of those whose webhook was lost (against polling alone), calls per batch and
+quota overruns.
+
 The measured day is the second of three days of the same load: the ledger already holds
 the previous day's calls (as it does in production, where the window slides and survives
 restarts), and batches keep arriving after it. The first day of a fresh install (empty
@@ -68,6 +76,12 @@ SWEEP_INTERVAL = 5.0  # TRACKER_SWEEP_INTERVAL's default
 NAIVE_INTERVAL = 60.0
 SEARCH_STEP = 5.0
 POLICY = PollPolicy()
+# Webhooks: each arrives with this probability, after an exponential delay with this mean,
+# capped at WEBHOOK_CAP; otherwise never. WEBHOOK_POLICY expects that share.
+WEBHOOK_ARRIVES = 0.9
+WEBHOOK_MEAN_DELAY = 6.0
+WEBHOOK_CAP = 30.0
+WEBHOOK_POLICY = PollPolicy(webhook_share=WEBHOOK_ARRIVES)
 
 # next_delay(age, checks, budget_view) -> seconds; budget_view builds the view on demand.
 NextDelay = Callable[[float, int, Callable[[], BudgetView]], float]
@@ -100,6 +114,17 @@ FRESH = Scenario("starter, first day", "starter", days=1, measured_day=0)
 ENTERPRISE = Scenario("enterprise", "enterprise", days=2, measured_day=1)
 
 
+def make_webhooks(seed: int, batches: Sequence[Batch]) -> list[float | None]:
+    """Per batch, when its webhook arrives (None: never), drawn from its own seeded stream."""
+    rng = random.Random(f"webhooks {seed}")
+    arrivals: list[float | None] = []
+    for batch in batches:
+        arrives = rng.random() < WEBHOOK_ARRIVES
+        delay = min(rng.expovariate(1 / WEBHOOK_MEAN_DELAY), WEBHOOK_CAP)
+        arrivals.append(batch.done_at + delay if arrives else None)
+    return arrivals
+
+
 def make_batches(seed: int, days: int) -> list[Batch]:
     rng = random.Random(seed)
     batches = [
@@ -124,9 +149,14 @@ class Run:
     rejected_per_day: float = 0.0
     # Checks held back because the day's quota was spent, over the whole run.
     overruns: int = 0
+    # With webhooks: the detection delays of batches whose webhook arrived, and of the lost.
+    arrived_delays: list[float] = field(default_factory=list)
+    lost_delays: list[float] = field(default_factory=list)
 
     def add(self, other: Run) -> None:
         self.delays += other.delays
+        self.arrived_delays += other.arrived_delays
+        self.lost_delays += other.lost_delays
         self.batches += other.batches
         self.calls += other.calls
         self.rejected_per_day += other.rejected_per_day
@@ -136,8 +166,8 @@ class Run:
     def calls_per_batch(self) -> float:
         return self.calls / self.batches if self.batches else math.nan
 
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.delays)
+    def quantile(self, q: float, delays: Sequence[float] | None = None) -> float:
+        ordered = sorted(self.delays if delays is None else delays)
         if not ordered:
             return math.nan
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -175,11 +205,15 @@ def simulate(
     *,
     measured: tuple[float, float],
     naive: bool = False,
+    webhooks: Sequence[float | None] | None = None,
 ) -> Run:
     """Poll every batch until a status call sees it finished.
 
     `naive`: the poller ignores the quota; each refused call is a 429 and it polls again
     after its usual delay. Otherwise calls go through the sweep as described above.
+    `webhooks`: per batch, when its webhook arrives (None: never). An arrived webhook
+    brings the next check forward to the first sweep tick after it, but no sooner than
+    min_interval after the batch's last check.
     """
     ledger = QuotaLedger(plan_windows(*PLANS[plan]))
     load = _Load()
@@ -229,6 +263,9 @@ def simulate(
             if in_measure:
                 run.delays.append(now - batch.done_at)
                 run.batches += 1
+                if webhooks is not None:
+                    found = run.lost_delays if webhooks[index] is None else run.arrived_delays
+                    found.append(now - batch.done_at)
             continue
 
         def view(now: float = now) -> BudgetView:
@@ -241,9 +278,13 @@ def simulate(
                 )
             return views[key]
 
-        delay = next_delay(now - batch.inserted, checks[index], view)
+        next_at = now + next_delay(now - batch.inserted, checks[index], view)
         checks[index] += 1
-        heapq.heappush(due, (now + delay, index))
+        hint = None if webhooks is None else webhooks[index]
+        if hint is not None and hint >= now:
+            tick = math.ceil(hint / SWEEP_INTERVAL) * SWEEP_INTERVAL
+            next_at = min(next_at, max(tick, now + POLICY.min_interval))
+        heapq.heappush(due, (next_at, index))
     run.overruns = len(held_back)
     run.rejected_per_day = rejected / max(last / DAY, 1.0)
     return run
@@ -338,11 +379,28 @@ class Outcome:
     best_intervals: list[float]
     # The age shaping at the hindsight base interval (see the module docstring).
     shaped: Run | None = None
+    # The tracker with webhooks on, on the same batches; and the same webhooks with a
+    # schedule not told to expect them (webhook_share 0), for information.
+    webhooks: Run | None = None
+    webhooks_unexpected: Run | None = None
 
 
-def run_scenario(scenario: Scenario, seeds: Sequence[int], *, with_best: bool = True) -> Outcome:
+def run_scenario(
+    scenario: Scenario,
+    seeds: Sequence[int],
+    *,
+    with_best: bool = True,
+    with_webhooks: bool = False,
+) -> Outcome:
     outcome = Outcome(
-        scenario, Run(), Run(), Run() if with_best else None, [], Run() if with_best else None
+        scenario,
+        Run(),
+        Run(),
+        Run() if with_best else None,
+        [],
+        Run() if with_best else None,
+        Run() if with_webhooks else None,
+        Run() if with_webhooks else None,
     )
     for seed in seeds:
         batches = make_batches(seed, scenario.days)
@@ -350,6 +408,21 @@ def run_scenario(scenario: Scenario, seeds: Sequence[int], *, with_best: bool = 
         outcome.tracker.add(
             simulate(batches, scenario.plan, tracker_policy(seed), measured=measured)
         )
+        if outcome.webhooks is not None and outcome.webhooks_unexpected is not None:
+            hooks = make_webhooks(seed, batches)
+            for into, policy in (
+                (outcome.webhooks, WEBHOOK_POLICY),
+                (outcome.webhooks_unexpected, POLICY),
+            ):
+                into.add(
+                    simulate(
+                        batches,
+                        scenario.plan,
+                        tracker_policy(seed, policy),
+                        measured=measured,
+                        webhooks=hooks,
+                    )
+                )
         outcome.naive.add(
             simulate(
                 batches,
@@ -427,6 +500,8 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
         return rows
     assert best is not None
     steady = outcome.scenario is STEADY
+    if outcome.webhooks is not None and outcome.webhooks_unexpected is not None:
+        rows += webhook_figures(label, tracker, outcome.webhooks, outcome.webhooks_unexpected)
     mean_interval = sum(outcome.best_intervals) / len(outcome.best_intervals)
     rows.append(
         _figure(
@@ -491,6 +566,66 @@ def figures_for(outcome: Outcome, seeds: int) -> list[Figure]:
     return rows
 
 
+def webhook_figures(label: str, polling: Run, hooked: Run, unexpected: Run) -> list[Figure]:
+    """The tracker with webhooks on, against itself polling alone on the same batches.
+
+    `unexpected` had the same webhooks but a schedule not told to expect them.
+    """
+    arrived = hooked.quantile(0.95, hooked.arrived_delays)
+    lost = hooked.quantile(0.95, hooked.lost_delays)
+    alone = polling.quantile(0.95)
+    return [
+        _figure(
+            f"{label}: p95 detection delay, webhook arrived (vs webhook cap)",
+            arrived,
+            WEBHOOK_CAP,
+            "s",
+            "s",
+            "<= baseline",
+            arrived <= WEBHOOK_CAP,
+            note=f"{len(hooked.arrived_delays)} batches; webhooks exponential, mean {WEBHOOK_MEAN_DELAY:g} s, capped at {WEBHOOK_CAP:g} s, {WEBHOOK_ARRIVES:.0%} arrive",
+        ),
+        _figure(
+            f"{label}: p95 detection delay, webhook lost (vs polling alone)",
+            lost,
+            alone,
+            "s",
+            "s",
+            "<= baseline",
+            lost <= alone,
+            note=f"{len(hooked.lost_delays)} batches",
+        ),
+        _figure(
+            f"{label}: calls per batch, webhooks on (vs polling alone)",
+            hooked.calls_per_batch,
+            polling.calls_per_batch,
+            "",
+            "",
+            "<= 2",
+            hooked.calls_per_batch <= 2,
+        ),
+        _figure(
+            f"{label}: calls per batch, webhooks on, schedule not told (vs webhooks on)",
+            unexpected.calls_per_batch,
+            hooked.calls_per_batch,
+            "",
+            "",
+            "info",
+            None,
+            note=f"webhook_share 0: lost-webhook p95 {unexpected.quantile(0.95, unexpected.lost_delays):.0f} s; what the webhook-aware plan saves",
+        ),
+        _figure(
+            f"{label}: quota overruns, webhooks on (vs polling alone)",
+            hooked.overruns,
+            polling.overruns,
+            "",
+            "",
+            "= 0",
+            hooked.overruns == 0,
+        ),
+    ]
+
+
 def run(quick: bool) -> list[Figure]:
     """The quota-economy figures (several seeds; `quick` uses a few)."""
     seeds = list(range(2 if quick else 20))
@@ -501,7 +636,9 @@ def run(quick: bool) -> list[Figure]:
         (ENTERPRISE, False, 1 if quick else 3),
     ):
         started = time.monotonic()
-        outcome = run_scenario(scenario, seeds[:count], with_best=with_best)
+        outcome = run_scenario(
+            scenario, seeds[:count], with_best=with_best, with_webhooks=scenario is STEADY
+        )
         say(f"quota: {scenario.name} done in {time.monotonic() - started:.1f} s")
         figures += figures_for(outcome, count)
     return figures

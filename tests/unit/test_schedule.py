@@ -476,3 +476,123 @@ def test_a_simulated_starter_day_stays_within_the_quota() -> None:
     # The same day polled every 60 s regardless of the quota runs into it many times over.
     naive = sim.simulate(batches, "starter", sim.fixed(60.0), measured=day, naive=True)
     assert naive.rejected_per_day > 1000
+
+
+# --------------------------------------------------------------------------- with webhooks on
+
+
+def test_webhooks_off_plans_exactly_as_before() -> None:
+    for budget in (
+        view(calls_left=300, releases=(40,) * 24),
+        view(calls_left=40, open_batches=100, releases=(5,) * 24),
+        view(calls_left=0, open_batches=10, releases=(0,) * 24),
+    ):
+        assert budget_interval(budget, webhook_share=0.0) == budget_interval(budget)
+    budget = view(calls_left=300, releases=(40,) * 24)
+    off = PollPolicy(min_interval=30, max_interval=900, webhook_share=0.0)
+    for age in (60.0, MEDIAN, 10 * MEDIAN):
+        rng = random.Random(7)
+        got = [processing_delay(off, age=age, checks=3, budget=budget, rng=rng) for _ in range(200)]
+        assert got == delays(budget, age)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    calls_left=st.integers(0, 1000),
+    open_batches=st.integers(1, 500),
+    arrivals=st.integers(0, 2000),
+    open_hours=st.floats(0, 5000),
+    span=st.floats(0, DAY),
+    release=st.integers(0, 50),
+    share=st.floats(0, 1),
+)
+def test_webhooks_never_poll_more_often_and_stay_within_the_ceiling(
+    calls_left: int,
+    open_batches: int,
+    arrivals: int,
+    open_hours: float,
+    span: float,
+    release: int,
+    share: float,
+) -> None:
+    load = LoadHistory(span=span, arrivals=arrivals, open_seconds=open_hours * 3600.0)
+    budget = view(calls_left, open_batches=open_batches, load=load, releases=(release,) * 24)
+    alone = budget_interval(budget)
+    hooked = budget_interval(budget, webhook_share=share)
+    assert alone <= hooked <= min(schedule.MAX_WEBHOOK_STRETCH * alone, schedule.FORCED_CEILING)
+
+
+def test_webhooks_plan_the_interval_polling_alone_would_have_chosen() -> None:
+    # With webhooks, found batches close at once instead of about half an interval after
+    # they finish. The plan must be the one polling alone makes on the load it would have
+    # seen: each of `share` of the arrivals open half an interval longer.
+    share = 0.9
+    load = steady_load()
+    budget = view(calls_left=300, releases=(40,) * 24, load=load)
+    hooked = budget_interval(budget, webhook_share=share)
+    polled_load = LoadHistory(
+        span=load.span,
+        arrivals=load.arrivals,
+        open_seconds=load.open_seconds + share * load.arrivals * hooked / 2,
+        recent_span=load.recent_span,
+        recent_open_seconds=load.recent_open_seconds,
+    )
+    alone = budget_interval(view(calls_left=300, releases=(40,) * 24, load=polled_load))
+    assert hooked == pytest.approx(alone)
+    assert hooked > budget_interval(budget)
+
+
+def test_the_webhook_stretch_grows_with_the_share_and_is_capped() -> None:
+    budget = view(calls_left=300, releases=(40,) * 24)
+    shares = [0.0, 0.25, 0.5, 0.9, 1.0]
+    intervals = [budget_interval(budget, webhook_share=share) for share in shares]
+    assert intervals == sorted(intervals) and len(set(intervals)) == len(intervals)
+    # So many arrivals for so few calls that polling alone's extra open time would exceed
+    # the budget: the stretch stops at its cap instead of diverging.
+    scarce = view(calls_left=300, releases=(40,) * 24, load=steady_load(per_day=700))
+    assert budget_interval(scarce, webhook_share=1.0) == pytest.approx(
+        min(schedule.MAX_WEBHOOK_STRETCH * budget_interval(scarce), schedule.FORCED_CEILING)
+    )
+
+
+def test_the_burst_brake_is_not_stretched_by_webhooks() -> None:
+    # The batches open now are open whatever the webhooks do: the hour's brake holds as is.
+    budget = view(calls_left=40, open_batches=100, releases=(5,) * 24)
+    assert budget_interval(budget, webhook_share=1.0) == budget_interval(budget)
+
+
+def test_the_policy_passes_its_webhook_share_to_the_plan() -> None:
+    budget = view(calls_left=300, releases=(40,) * 24)
+    hooked = PollPolicy(min_interval=30, max_interval=3600, webhook_share=0.9)
+    plain = PollPolicy(min_interval=30, max_interval=3600)
+    for age in (60.0, MEDIAN, 5 * MEDIAN):
+        longer = processing_delay(hooked, age=age, checks=3, budget=budget, rng=random.Random(3))
+        shorter = processing_delay(plain, age=age, checks=3, budget=budget, rng=random.Random(3))
+        assert longer > shorter
+    # Without a budget there is nothing to save: the same geometric backoff.
+    assert processing_delay(
+        hooked, age=60.0, checks=3, budget=None, rng=random.Random(3)
+    ) == processing_delay(plain, age=60.0, checks=3, budget=None, rng=random.Random(3))
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, math.nan, math.inf])
+def test_a_webhook_share_outside_0_to_1_is_refused(share: float) -> None:
+    with pytest.raises(ValueError, match="webhook_share"):
+        PollPolicy(webhook_share=share)
+
+
+def test_a_simulated_starter_day_with_webhooks_stays_within_the_quota() -> None:
+    sim = load_quota_sim()
+    batches = sim.make_batches(seed=11, days=1)
+    day = (0.0, DAY)
+    hooks = sim.make_webhooks(11, batches)
+    run = sim.simulate(
+        batches, "starter", sim.tracker_policy(11, sim.WEBHOOK_POLICY), measured=day, webhooks=hooks
+    )
+    assert run.overruns == 0
+    assert run.batches == len(batches)
+    assert len(run.arrived_delays) + len(run.lost_delays) == len(batches)
+    assert len(run.lost_delays) == sum(hook is None for hook in hooks)
+    # An arrived webhook's check comes at the next sweep tick, or min_interval after the
+    # last check: never later than that after the webhook itself.
+    assert max(run.arrived_delays) <= sim.WEBHOOK_CAP + POLICY.min_interval + sim.SWEEP_INTERVAL

@@ -33,12 +33,18 @@ class PollPolicy:
     max_download_attempts: int = 5
     # A server's Retry-After is honoured up to this; beyond it, it is clamped.
     max_retry_after: float = 3600.0
+    # The share of batches expected to be found by their webhook (0: webhooks off). The
+    # budget-aware schedule then leaves unspent the calls polling alone would have made
+    # after those batches finished (docs/polling.md, "With webhooks on").
+    webhook_share: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0 < self.min_interval <= self.max_interval:
             raise ValueError("poll intervals need 0 < min <= max")
         if self.growth < 1:
             raise ValueError("growth must be >= 1")
+        if not 0 <= self.webhook_share <= 1:
+            raise ValueError("webhook_share must be between 0 and 1")
 
 
 @dataclass(frozen=True)

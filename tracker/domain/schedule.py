@@ -46,6 +46,8 @@ ARRIVAL_SPREAD = 3.0
 # The longest interval a shortage of budget may impose before the estimate is repeated.
 FORCED_CEILING = 3600.0
 JITTER = 0.05
+# With webhooks on, the saved calls stretch the planned interval by at most this factor.
+MAX_WEBHOOK_STRETCH = 2.0
 
 # Completion-time shape (lognormal, sigma 1; see docs/polling.md, "The age"). The check weight is
 # min(1, hazard / (SHAPE_CLIP * peak hazard)); SHAPE_STEP and SHAPE_SPAN (in medians) set
@@ -190,10 +192,12 @@ def releases_per_slot(
     return tuple(released)
 
 
-def budget_interval(budget: BudgetView) -> float:
+def budget_interval(budget: BudgetView, *, webhook_share: float = 0.0) -> float:
     """The interval every open batch could be checked at within the budget.
 
-    Steps 1-3 of docs/polling.md: the load, the rate and the brakes.
+    Steps 1-3 of docs/polling.md: the load, the rate and the brakes. With a `webhook_share`
+    of the batches found by their webhook, the planned load is the one polling alone would
+    have had: see "With webhooks on" there.
     """
     window = budget.window
     load = budget.load
@@ -213,17 +217,20 @@ def budget_interval(budget: BudgetView) -> float:
 
     reserve = RESERVE_SHARE * budget.day_limit
     burst_reserve = BURST_RESERVE_SHARE * budget.day_limit
-    # (horizon, batches to serve, calls available over the horizon)
+    # (horizon, batches to serve, calls available over the horizon, whether the batches
+    # are the planned load rather than those open now)
     horizons = [
         (
             window,
             HEADROOM * busy,
             budget.calls_left - reserve + budget.released_within(window),
+            True,
         ),
         (
             BURST_HORIZON,
             float(now_open),
             budget.calls_left - burst_reserve + budget.released_within(BURST_HORIZON),
+            False,
         ),
     ]
     if span < window:
@@ -233,10 +240,11 @@ def budget_interval(budget: BudgetView) -> float:
                 until_refill,
                 HEADROOM * busy,
                 budget.calls_left - reserve + budget.released_within(until_refill),
+                True,
             )
         )
     interval = 0.0
-    for horizon, batches, available in horizons:
+    for horizon, batches, available, planned_load in horizons:
         # Arrivals are random: within an hour, allow for three standard deviations more.
         expected = arrival_rate * horizon
         arriving = expected + (
@@ -245,8 +253,23 @@ def budget_interval(budget: BudgetView) -> float:
         for_checks = available - arriving
         if for_checks <= 0:
             return FORCED_CEILING
-        interval = max(interval, batches * horizon / for_checks)
+        planned = batches * horizon / for_checks
+        if planned_load:
+            planned *= _webhook_stretch(webhook_share, expected, for_checks)
+        interval = max(interval, planned)
     return min(interval, FORCED_CEILING)
+
+
+def _webhook_stretch(share: float, arriving: float, for_checks: float) -> float:
+    """How much longer the planned interval is when `share` of the batches need no polling
+    once finished: polling alone keeps each open about half an interval longer.
+
+    Solves T = T0 + HEADROOM * share * arriving * T / (2 * for_checks) for T / T0.
+    """
+    if not share > 0:
+        return 1.0
+    saved = HEADROOM * share * arriving / (2 * for_checks)
+    return min(1 / max(1 - saved, 1 / MAX_WEBHOOK_STRETCH), MAX_WEBHOOK_STRETCH)
 
 
 @dataclass(frozen=True)
@@ -351,9 +374,8 @@ def processing_delay(
     """Seconds until the next check of a batch that is still processing at `age` seconds."""
     if budget is None:
         return poll_delay(policy, checks, rng)
-    return age_shaped_delay(
-        policy, age=age, interval=budget_interval(budget), load=budget.load, rng=rng
-    )
+    interval = budget_interval(budget, webhook_share=policy.webhook_share)
+    return age_shaped_delay(policy, age=age, interval=interval, load=budget.load, rng=rng)
 
 
 def age_shaped_delay(
