@@ -99,7 +99,9 @@ def webhook_app(
         )
         return web.json_response({"matched": len(moved)})
 
-    app = web.Application()
+    # No lingering: a body left unread (a wrong secret, a body over the cap) is not drained
+    # for seconds after the answer; the connection closes instead.
+    app = web.Application(handler_args={"lingering_time": 0})
     app.router.add_route("*", WEBHOOK_PATH, deliver)
     return app
 

@@ -263,3 +263,24 @@ def test_an_empty_secret_is_refused() -> None:
 
     with pytest.raises(ValueError, match="secret"):
         webhook_app("", bring_forward=nothing, max_body=MAX_BODY, on_outcome=None)
+
+
+def test_a_wrong_secret_answers_without_waiting_for_the_body(store: Store) -> None:
+    """The body is not read first: a sender that never finishes its body still gets its
+    404 at once."""
+    listener = Listener(store)
+    statuses: list[int] = []
+
+    async def endless() -> AsyncIterator[bytes]:
+        while True:
+            yield b'["' + A.encode() + b'"]'
+            await asyncio.sleep(0.05)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        async with asyncio.timeout(5):
+            response = await client.post("/webhook/wrong", data=endless())
+            statuses.append(response.status)
+
+    listener.serve(scenario)
+    assert statuses == [404]
+    assert listener.asked == []

@@ -154,3 +154,9 @@ def test_every_id_shaped_string_in_any_json_is_found(document: object) -> None:
     from tracker.domain.request_ids import REQUEST_ID_PATTERN
 
     assert found == {s for s in strings(document) if REQUEST_ID_PATTERN.fullmatch(s)}
+
+
+def test_preview_of_a_huge_multibyte_body_is_marked_cut() -> None:
+    preview = body_preview("é".encode() * 50_000, limit=100_000)
+    assert preview == "..."
+    assert body_preview("ab é ".encode() * 20_000, limit=50).endswith("...")

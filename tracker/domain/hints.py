@@ -54,13 +54,13 @@ def request_ids_in(content_type: str | None, body: bytes, query_string: str) -> 
 def body_preview(body: bytes, secrets: Iterable[str] = (), limit: int = PREVIEW_LIMIT) -> str:
     """The body's start as one redacted line of at most `limit` characters, for a log."""
     text = body[: _PREVIEW_SOURCE * 4].decode("utf-8", errors="replace")
-    cut = len(text) > _PREVIEW_SOURCE
+    cut = len(text) > _PREVIEW_SOURCE or len(body) > _PREVIEW_SOURCE * 4
     text = " ".join("".join(c if c.isprintable() else " " for c in text[:_PREVIEW_SOURCE]).split())
     shown = redact(text, secrets)
     if cut:
         # The source was cut mid-way: its last word may be half a token that redaction no
         # longer recognises. Drop it.
-        shown = shown[: shown.rfind(" ") + 1].rstrip() + " ..."
+        shown = (shown[: shown.rfind(" ") + 1] + "...").lstrip()
     if len(shown) > limit:
         shown = shown[: limit - 3] + "..."
     return shown
