@@ -125,6 +125,9 @@ batches = sa.Table(
     # Set when a batch becomes final while TRACKER_ON_FINAL is configured; cleared when a
     # daemon takes the hook run on.
     sa.Column("hook_pending", sa.Boolean, nullable=False, server_default=sa.false()),
+    # When a webhook delivery last brought the next check forward: at most one early check
+    # per TRACKER_POLL_MIN_INTERVAL, however many deliveries name the batch.
+    sa.Column("hinted_at", UTCDateTime, nullable=True),
     sa.CheckConstraint(f"state IN ({_state_list})", name="state"),
     # Claiming looks only at unfinished rows; a partial index keeps that cheap however
     # many finished batches the table holds.

@@ -75,6 +75,8 @@ class BatchRow:
     lease_token: int
     lease_expires_at: datetime | None
     hook_pending: bool
+    # When a webhook delivery last brought this batch's check forward.
+    hinted_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ class Store:
         self._lease_update = _lease_update()
         self._hand_back = _hand_back()
         self._heartbeat = _heartbeat()
+        self._bring_forward = _bring_forward(self._dialect)
 
     def database_now(self) -> datetime:
         """The database's clock (PostgreSQL's; on SQLite, one host, the host's)."""
@@ -369,6 +372,32 @@ class Store:
                 )
             )
         return OperatorResult.DONE, row.state
+
+    def bring_forward(
+        self, request_ids: Collection[str], now: datetime, spacing: float
+    ) -> set[str]:
+        """Move the next check of the named tracked, unfinished batches to `now`; the
+        request_ids moved.
+
+        A webhook delivery is only a hint: state, counters, file and lease stay as they are
+        (a leased batch is moved too: its lease still keeps every other worker off it). A
+        batch brought forward less than `spacing` seconds ago, or already due, is left
+        alone, so however many deliveries name it, it gets one early check per `spacing`.
+        Unknown ids are ignored. One statement whatever the number of ids.
+        """
+        if not request_ids:
+            return set()
+        parameters = {
+            "ids": sorted(set(request_ids)),
+            "now": now,
+            "hinted_before": _hinted_before(now, spacing),
+        }
+        with self.engine.begin() as connection:
+            moved = set(connection.execute(self._bring_forward, parameters).scalars())
+            if moved and self._dialect == "postgresql":
+                # Every instance sweeps at once, as for a new batch (LISTEN tracker_wakeup).
+                connection.execute(sa.text("SELECT pg_notify('tracker_wakeup', '')"))
+        return moved
 
     # --- workers -----------------------------------------------------------------
 
@@ -1015,6 +1044,36 @@ def _hand_back() -> sa.Update:
             next_check_at=sa.bindparam("n_next_check_at", type_=c.next_check_at.type),
         )
     )
+
+
+def _bring_forward(dialect: str) -> sa.Update:
+    """Bring the named unfinished batches' next check to now, at most once per spacing."""
+    c = batches.c
+    now = sa.bindparam("now", type_=c.next_check_at.type)
+    return (
+        batches.update()
+        .where(
+            c.request_id.in_(sa.bindparam("ids", expanding=True)),
+            c.state.in_(_ACTIVE),
+            # NULL or earlier is due already; an unreadable time is the claim's to reject.
+            c.next_check_at > now,
+            sa.not_(_unreadable(c.next_check_at, dialect)),
+            sa.or_(
+                c.hinted_at.is_(None),
+                c.hinted_at <= sa.bindparam("hinted_before", type_=c.hinted_at.type),
+            ),
+        )
+        .values(next_check_at=now, hinted_at=now)
+        .returning(c.request_id)
+    )
+
+
+def _hinted_before(now: datetime, spacing: float) -> datetime:
+    """A batch last brought forward at or before this may be brought forward again."""
+    try:
+        return now - timedelta(seconds=max(spacing, 0.0))
+    except OverflowError:
+        return datetime.min.replace(tzinfo=UTC)
 
 
 def _heartbeat() -> sa.Update:
