@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     settings.require_credentials()
+    settings.require_webhook_secret()
     scrubber = _logging(settings)
     if _signalled_before_start:  # some `except BaseException` swallowed its SystemExit
         return EXIT_OK
