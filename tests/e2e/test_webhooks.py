@@ -21,6 +21,7 @@ from tests.e2e.support import (
     FakeApi,
     batch_rows,
     raw_insert,
+    run_tracker,
     states,
     tracker_env,
     wait_all_downloaded,
@@ -110,3 +111,63 @@ def test_webhooks_bring_checks_forward(
     assert "webhook.listening" in text
     assert "webhook.refused" in text
     assert not [line for line in text.splitlines() if SECRET in line]
+
+
+def test_webhook_url_and_submit_with_it(
+    sqlite_url: str,
+    tmp_path: Path,
+    fake_api: Callable[..., FakeApi],
+    run_daemon: Callable[[dict[str, str]], Daemon],
+) -> None:
+    api = fake_api("--completion-delay", str(COMPLETION_DELAY))
+    port = _free_port()
+    plain = tracker_env(sqlite_url, api.url, tmp_path / "out")
+    unset = run_tracker(plain, "webhook-url")
+    assert unset.returncode == 2
+    assert len(unset.stderr.strip().splitlines()) == 1
+    assert "TRACKER_WEBHOOK_PUBLIC_URL" in unset.stderr
+
+    env = plain | {
+        "TRACKER_POLL_MIN_INTERVAL": "30",
+        "TRACKER_POLL_MAX_INTERVAL": "30",
+        "TRACKER_WEBHOOK_ADDR": f"127.0.0.1:{port}",
+        "TRACKER_WEBHOOK_SECRET": SECRET,
+        "TRACKER_WEBHOOK_PUBLIC_URL": f"http://127.0.0.1:{port}/",
+    }
+    shown = run_tracker(env, "webhook-url")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == f"http://127.0.0.1:{port}/webhook/{SECRET}\n"
+
+    daemon = run_daemon(env)
+    daemon.wait_started()
+    batch_file = tmp_path / "upi.csv"
+    batch_file.write_text("vpa,name\nsomeone@upi,Someone\n")
+    started = time.monotonic()
+    submitted = run_tracker(env, "submit", str(batch_file))
+    assert submitted.returncode == 0, submitted.stderr
+    assert SECRET not in submitted.stdout + submitted.stderr
+    request_id = submitted.stdout.split(" as ")[1].split(";")[0]
+    wait_all_downloaded(sqlite_url, 1, 20)
+    assert time.monotonic() - started < COMPLETION_DELAY + 10  # polling alone: 30 s
+    stats = api.stats()
+    assert stats["webhooks_by_id"][request_id]["sent"] >= 1
+    assert stats["status_calls"][request_id] <= 3
+    assert daemon.stop(signal.SIGTERM) == 0
+    assert SECRET not in daemon.log_path.read_text()
+
+
+def test_a_refused_submit_does_not_show_the_webhook_secret(
+    sqlite_url: str, tmp_path: Path, fake_api: Callable[..., FakeApi]
+) -> None:
+    api = fake_api()
+    # The simulator calls loopback only: it refuses this URL with 422.
+    env = tracker_env(sqlite_url, api.url, tmp_path / "out") | {
+        "TRACKER_WEBHOOK_SECRET": SECRET,
+        "TRACKER_WEBHOOK_PUBLIC_URL": "https://hooks.example.com",
+    }
+    batch_file = tmp_path / "upi.csv"
+    batch_file.write_text("vpa,name\nsomeone@upi,Someone\n")
+    refused = run_tracker(env, "submit", str(batch_file))
+    assert refused.returncode == 1
+    assert "submit failed" in refused.stderr
+    assert SECRET not in refused.stdout + refused.stderr
