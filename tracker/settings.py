@@ -126,6 +126,7 @@ def _webhook_secret(text: str) -> str:
 def _check_webhook_secret(secret: str) -> None:
     if len(secret) < MIN_WEBHOOK_SECRET_LENGTH:
         raise ValueError(f"must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters")
+    # It is one path segment, compared as the listener receives it (percent-decoded).
     if any(not char.isprintable() or char.isspace() or char in "/?#%" for char in secret):
         raise ValueError("must be printable, without spaces, '/', '?', '#' or '%'")
 
