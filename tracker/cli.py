@@ -90,6 +90,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     settings.require_credentials()
+    settings.require_webhook_secret()
     scrubber = _logging(settings)
     if _signalled_before_start:  # some `except BaseException` swallowed its SystemExit
         return EXIT_OK
@@ -340,19 +341,45 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(f"tracker: submit: no such file: {args.file}", file=sys.stderr)
         return EXIT_USAGE
 
+    webhook_url, webhook_secret = None, None
+    if settings.webhook_public_url:
+        webhook_url, webhook_secret = _webhook_url(settings)
+        scrubber.add(webhook_secret)
+
     async def upload_and_track() -> str:
         async with open_api(settings, scrubber) as api:
             client, store = api.client, api.store
-            request_id = await client.submit_upi_batch(args.file)
+            request_id = await client.submit_upi_batch(args.file, webhook_url=webhook_url)
             await asyncio.to_thread(store.enqueue, request_id, label=args.label)
             return request_id
 
     try:
         request_id = asyncio.run(upload_and_track())
     except (SubmitFailed, AuthFailed) as error:
-        print(f"tracker: submit failed: {error}", file=sys.stderr)
+        from tracker.domain.redact import redact
+
+        # The client scrubs its own secret; the webhook URL it was given holds another.
+        shown = redact(str(error), [webhook_secret] if webhook_secret else [])
+        print(f"tracker: submit failed: {shown}", file=sys.stderr)
         return EXIT_FAILURE
     print(f"submitted {args.file.name} as {request_id}; tracking it")
+    return EXIT_OK
+
+
+def _webhook_url(settings: Settings) -> tuple[str, str]:
+    """The URL Deepvue is to call (public base + the listener's path) and its secret."""
+    from tracker.settings import SettingsError
+    from tracker.webhook import WEBHOOK_PATH
+
+    if not settings.webhook_public_url:
+        raise SettingsError("TRACKER_WEBHOOK_PUBLIC_URL must be set for webhooks")
+    secret = settings.read_webhook_secret()
+    return settings.webhook_public_url + WEBHOOK_PATH.replace("{secret}", secret), secret
+
+
+def cmd_webhook_url(args: argparse.Namespace) -> int:
+    url, _secret = _webhook_url(_settings(args))
+    print(url)
     return EXIT_OK
 
 
@@ -423,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     configure_cancel_parser(commands)
     configure_prune_parser(commands)
     configure_submit_parser(commands)
+    configure_webhook_url_parser(commands)
     configure_fake_api_parser(commands)
     configure_demo_parser(commands)
     return parser
@@ -600,6 +628,16 @@ def configure_submit_parser(commands: Commands) -> None:
     )
     submit.add_argument("file", type=Path, metavar="FILE")
     submit.add_argument("--label", help="free text stored with the batch")
+
+
+def configure_webhook_url_parser(commands: Commands) -> None:
+    _add_command(
+        commands,
+        "webhook-url",
+        cmd_webhook_url,
+        "print the URL Deepvue is to call back (TRACKER_WEBHOOK_PUBLIC_URL + /webhook/<secret>); "
+        "it holds the webhook secret",
+    )
 
 
 def configure_fake_api_parser(commands: Commands) -> None:

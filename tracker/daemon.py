@@ -29,6 +29,8 @@ from tracker.services import make_store, open_services
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from aiohttp import web
+
     from tracker.budget import Throttle
     from tracker.domain.model import PollPolicy
     from tracker.logs import SecretScrubber
@@ -44,6 +46,8 @@ log = structlog.get_logger("tracker.daemon")
 GAUGE_REFRESH_SECONDS = 15.0
 # How often stale download temp files are looked for (and once at start).
 LEFTOVERS_INTERVAL_SECONDS = 600.0
+# The largest webhook body read; a delivery names a few ids, never megabytes.
+WEBHOOK_MAX_BODY = 64 << 10
 
 
 class Daemon:
@@ -467,6 +471,11 @@ async def run_service(
                         listen_for_new_batches(settings.database_url, daemon.wake, daemon.stopped)
                     )
                 )
+            webhook_server = None
+            if settings.webhook_addr:
+                webhook_server = await _start_webhook_listener(
+                    settings, scrubber, store=store, clock=clock, wake=daemon.wake, metrics=metrics
+                )
             metrics_server = None
             if metrics is not None and settings.metrics_addr:
                 from tracker.metrics import start_metrics_server
@@ -485,6 +494,8 @@ async def run_service(
                 for helper in helpers:
                     helper.cancel()
                 await asyncio.gather(*helpers, return_exceptions=True)
+                if webhook_server is not None:
+                    await webhook_server.cleanup()
                 if metrics_server is not None:
                     await metrics_server.cleanup()
                 with contextlib.suppress(sa.exc.SQLAlchemyError):
@@ -494,6 +505,62 @@ async def run_service(
             loop.remove_signal_handler(signum)
         notifier.close()
         engine.dispose()
+
+
+async def _start_webhook_listener(
+    settings: Settings,
+    scrubber: SecretScrubber,
+    *,
+    store: Store,
+    clock: DatabaseClock,
+    wake: Callable[[], None],
+    metrics: Metrics | None,
+) -> web.AppRunner:
+    """Serve webhook deliveries on TRACKER_WEBHOOK_ADDR until `cleanup()`.
+
+    A delivery moves the named batches' next check to now in the database and wakes this
+    daemon; on PostgreSQL the store's NOTIFY wakes the other instances too.
+    """
+    from aiohttp import web
+
+    from tracker.domain.addresses import parse_listen_address
+    from tracker.webhook import webhook_app
+
+    secret = settings.read_webhook_secret()
+    scrubber.add(secret)
+    host, port = parse_listen_address(settings.webhook_addr or "")
+
+    async def bring_forward(request_ids: set[str]) -> set[str]:
+        moved = await asyncio.to_thread(
+            store.bring_forward, request_ids, clock.now(), settings.poll_min_interval
+        )
+        if moved:
+            wake()
+        return moved
+
+    app = webhook_app(
+        secret,
+        bring_forward=bring_forward,
+        max_body=WEBHOOK_MAX_BODY,
+        on_outcome=metrics.observe_webhook if metrics is not None else None,
+    )
+    # No access log: it would print the path, which holds the secret.
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    log.info("webhook.listening", addresses=[_host_port(bound) for bound in runner.addresses])
+    return runner
+
+
+def _host_port(bound: object) -> str:
+    if isinstance(bound, tuple) and len(bound) >= 2:
+        host, port = str(bound[0]), bound[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return str(bound)
 
 
 async def _register(store: Store, owner: str) -> datetime:

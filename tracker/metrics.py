@@ -94,6 +94,12 @@ class Metrics:
             "Unix time at which this instance last completed a sweep.",
             registry=self.registry,
         )
+        self._webhook_deliveries = prometheus_client.Counter(
+            "tracker_webhook_deliveries",
+            "Webhook deliveries received by this instance, by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
         # Publish every state from the first scrape, so a query sees 0 rather than no data.
         self.set_batch_counts({})
 
@@ -102,6 +108,9 @@ class Metrics:
 
     def observe_transition(self, to_state: str) -> None:
         self._transitions.labels(to_state=to_state).inc()
+
+    def observe_webhook(self, outcome: str) -> None:
+        self._webhook_deliveries.labels(outcome=outcome).inc()
 
     def observe_download(self, size: int, seconds: float) -> None:
         self._download_bytes.inc(size)

@@ -22,6 +22,13 @@ from tracker.domain.quota import PLANS
 ENV_PREFIX = "TRACKER_"
 # The name of the systemd credential holding the client secret (LoadCredential=).
 CREDENTIAL_NAME = "client_secret"
+# The systemd credential holding the webhook secret.
+WEBHOOK_CREDENTIAL_NAME = "webhook_secret"
+# A webhook secret is the only thing guarding the listener: shorter is guessable.
+MIN_WEBHOOK_SECRET_LENGTH = 16
+# With webhooks on, the share of the polling alone interval the schedule may add
+# (PollPolicy.webhook_share; docs/polling.md).
+WEBHOOK_SHARE = 0.9
 
 
 class SettingsError(ValueError):
@@ -99,6 +106,29 @@ def _base_url(text: str) -> str:
     if not url.startswith(("https://", "http://")):
         raise ValueError("must be an http(s) URL")
     return url
+
+
+def _public_url(text: str) -> str:
+    url = _base_url(text)
+    if "?" in url or "#" in url:
+        raise ValueError("must have no query string or fragment")
+    if len(url.split("//", 1)[1]) == 0:
+        raise ValueError("needs a host")
+    return url
+
+
+def _webhook_secret(text: str) -> str:
+    secret = text.strip()
+    _check_webhook_secret(secret)
+    return secret
+
+
+def _check_webhook_secret(secret: str) -> None:
+    if len(secret) < MIN_WEBHOOK_SECRET_LENGTH:
+        raise ValueError(f"must be at least {MIN_WEBHOOK_SECRET_LENGTH} characters")
+    # It is one path segment, compared as the listener receives it (percent-decoded).
+    if any(not char.isprintable() or char.isspace() or char in "/?#%" for char in secret):
+        raise ValueError("must be printable, without spaces, '/', '?', '#' or '%'")
 
 
 def _database_url(text: str) -> str:
@@ -184,6 +214,16 @@ class Settings:
     # Extra variables of the daemon's environment passed on to the on-final hook.
     on_final_env: tuple[str, ...] = ()
     metrics_addr: str | None = None
+    webhook_addr: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_secret_file: Path | None = None
+    webhook_public_url: str | None = None
+
+    @property
+    def webhooks_on(self) -> bool:
+        """The listener runs: an address and a secret (given or in a file) are set."""
+        has_secret = bool(self.webhook_secret) or self.webhook_secret_file is not None
+        return bool(self.webhook_addr) and has_secret
 
     @property
     def poll_policy(self) -> PollPolicy:
@@ -192,7 +232,29 @@ class Settings:
             max_interval=self.poll_max_interval,
             max_age=self.max_age,
             max_retry_after=self.max_retry_after,
+            webhook_share=WEBHOOK_SHARE if self.webhooks_on else 0.0,
         )
+
+    def read_webhook_secret(self) -> str:
+        """The webhook secret: from its file (read at each call) or as given."""
+        if self.webhook_secret_file is not None:
+            try:
+                secret = self.webhook_secret_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise SettingsError(
+                    f"TRACKER_WEBHOOK_SECRET_FILE: cannot read {self.webhook_secret_file}: "
+                    f"{error.strerror}"
+                ) from None
+            try:
+                _check_webhook_secret(secret)
+            except ValueError as error:
+                raise SettingsError(
+                    f"TRACKER_WEBHOOK_SECRET_FILE: the secret in {self.webhook_secret_file} {error}"
+                ) from None
+            return secret
+        if self.webhook_secret:
+            return self.webhook_secret
+        raise SettingsError("TRACKER_WEBHOOK_SECRET or TRACKER_WEBHOOK_SECRET_FILE must be set")
 
     def read_client_secret(self) -> str:
         """The secret as of now: a secret file is re-read at every call, so it can be rotated."""
@@ -212,6 +274,15 @@ class Settings:
         if self.client_secret:
             return self.client_secret
         raise SettingsError("TRACKER_CLIENT_SECRET or TRACKER_CLIENT_SECRET_FILE must be set")
+
+    def require_webhook_secret(self) -> None:
+        """Fail at start, not at the first delivery: an address without a usable secret."""
+        if self.webhook_addr:
+            if not (self.webhook_secret or self.webhook_secret_file is not None):
+                raise SettingsError(
+                    "TRACKER_WEBHOOK_ADDR needs TRACKER_WEBHOOK_SECRET or TRACKER_WEBHOOK_SECRET_FILE"
+                )
+            self.read_webhook_secret()
 
     def require_credentials(self) -> None:
         """Fail now, not at the first status call, when the API credentials are missing."""
@@ -253,6 +324,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "on_final_timeout": _duration,
     "on_final_env": _env_names,
     "metrics_addr": _listen_address,
+    "webhook_addr": _listen_address,
+    "webhook_secret": _webhook_secret,
+    "webhook_secret_file": lambda text: Path(text.strip()),
+    "webhook_public_url": _public_url,
 }
 assert set(_PARSERS) == {f.name for f in fields(Settings)}
 
@@ -308,6 +383,10 @@ def load_settings(
         candidate = Path(credentials) / CREDENTIAL_NAME
         if candidate.is_file():
             parsed["client_secret_file"] = candidate
+    if credentials and "webhook_secret" not in parsed and "webhook_secret_file" not in parsed:
+        candidate = Path(credentials) / WEBHOOK_CREDENTIAL_NAME
+        if candidate.is_file():
+            parsed["webhook_secret_file"] = candidate
 
     # A plan fills in the three rates unless they are given one by one.
     plan = parsed.get("plan", Settings.plan)

@@ -293,3 +293,18 @@ def test_histogram_buckets_reach_an_hour() -> None:
     samples = _samples(metrics.render()[0].decode())
     assert _value(samples, "tracker_download_seconds_bucket", le="1800.0") == 0
     assert _value(samples, "tracker_download_seconds_bucket", le="3600.0") == 1
+
+
+def test_webhook_deliveries_are_counted_by_outcome() -> None:
+    metrics = Metrics()
+    for outcome in ("matched", "matched", "refused", "too_large"):
+        metrics.observe_webhook(outcome)
+
+    async def scrape(client: httpx.AsyncClient) -> None:
+        samples = _samples((await client.get("/metrics")).text)
+        name = "tracker_webhook_deliveries_total"
+        assert _value(samples, name, outcome="matched") == 2
+        assert _value(samples, name, outcome="refused") == 1
+        assert _value(samples, name, outcome="too_large") == 1
+
+    _serve(metrics, scrape)

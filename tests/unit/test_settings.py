@@ -175,3 +175,85 @@ def test_file_mode_refuses_setuid_setgid_sticky_execute_and_group_write(text: st
     with pytest.raises(SettingsError, match="TRACKER_FILE_MODE") as refused:
         load_settings({"TRACKER_FILE_MODE": text})
     assert "\n" not in str(refused.value)
+
+
+WEBHOOK_SECRET = "wh-secret-0123456789abcdef"
+
+
+def test_webhooks_are_off_by_default() -> None:
+    settings = load_settings({})
+    assert settings.webhook_addr is None
+    assert not settings.webhooks_on
+    assert settings.poll_policy.webhook_share == 0.0
+
+
+def test_webhooks_on_with_an_address_and_a_secret() -> None:
+    settings = load_settings(
+        {
+            "TRACKER_WEBHOOK_ADDR": "127.0.0.1:8081",
+            "TRACKER_WEBHOOK_SECRET": WEBHOOK_SECRET,
+            "TRACKER_WEBHOOK_PUBLIC_URL": "https://hooks.example.com/tracker/",
+        }
+    )
+    assert settings.webhooks_on
+    assert settings.read_webhook_secret() == WEBHOOK_SECRET
+    assert settings.webhook_public_url == "https://hooks.example.com/tracker"
+    assert settings.poll_policy.webhook_share == 0.9
+    assert WEBHOOK_SECRET not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"TRACKER_WEBHOOK_ADDR": "nowhere"}, "TRACKER_WEBHOOK_ADDR"),
+        ({"TRACKER_WEBHOOK_SECRET": "short"}, "TRACKER_WEBHOOK_SECRET"),
+        ({"TRACKER_WEBHOOK_SECRET": "sixteen-chars/ab"}, "TRACKER_WEBHOOK_SECRET"),
+        ({"TRACKER_WEBHOOK_PUBLIC_URL": "ftp://example.com"}, "TRACKER_WEBHOOK_PUBLIC_URL"),
+        ({"TRACKER_WEBHOOK_PUBLIC_URL": "https://x.example/?a=1"}, "TRACKER_WEBHOOK_PUBLIC_URL"),
+    ],
+)
+def test_bad_webhook_settings_name_the_setting(env: dict[str, str], name: str) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(env)
+    message = str(raised.value)
+    assert name in message
+    assert "\n" not in message
+    assert "short" not in message  # a secret, even a bad one, is never shown
+
+
+def test_webhook_secret_file_and_systemd_credential(tmp_path: Path) -> None:
+    secret_file = tmp_path / "hook"
+    secret_file.write_text(WEBHOOK_SECRET + "\n")
+    settings = load_settings(
+        {"TRACKER_WEBHOOK_ADDR": "127.0.0.1:0", "TRACKER_WEBHOOK_SECRET_FILE": str(secret_file)}
+    )
+    assert settings.webhooks_on
+    assert settings.read_webhook_secret() == WEBHOOK_SECRET
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "webhook_secret").write_text(WEBHOOK_SECRET)
+    settings = load_settings(
+        {"TRACKER_WEBHOOK_ADDR": "127.0.0.1:0", "CREDENTIALS_DIRECTORY": str(credentials)}
+    )
+    assert settings.webhook_secret_file == credentials / "webhook_secret"
+    assert settings.read_webhook_secret() == WEBHOOK_SECRET
+
+
+def test_a_short_secret_in_a_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    secret_file = tmp_path / "hook"
+    secret_file.write_text("tooshort")
+    settings = load_settings({"TRACKER_WEBHOOK_SECRET_FILE": str(secret_file)})
+    with pytest.raises(SettingsError) as raised:
+        settings.read_webhook_secret()
+    assert "16" in str(raised.value)
+    assert "tooshort" not in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+def test_a_webhook_address_without_a_secret_is_refused_at_start() -> None:
+    settings = load_settings({"TRACKER_WEBHOOK_ADDR": "127.0.0.1:8081"})
+    assert not settings.webhooks_on
+    with pytest.raises(SettingsError, match="TRACKER_WEBHOOK_ADDR needs TRACKER_WEBHOOK_SECRET"):
+        settings.require_webhook_secret()
+    load_settings({}).require_webhook_secret()  # webhooks off: nothing to check
