@@ -34,6 +34,7 @@ COMMANDS = [
     "watch",
     "prune",
     "submit",
+    "webhook-url",
     "add",
     "list",
     "show",
