@@ -26,8 +26,8 @@ CREDENTIAL_NAME = "client_secret"
 WEBHOOK_CREDENTIAL_NAME = "webhook_secret"
 # A webhook secret is the only thing guarding the listener: shorter is guessable.
 MIN_WEBHOOK_SECRET_LENGTH = 16
-# With webhooks on, the share of the polling alone interval the schedule may add
-# (PollPolicy.webhook_share; docs/polling.md).
+# With webhooks on, the share of batches the schedule expects their webhook to find
+# (PollPolicy.webhook_share; docs/polling.md, "With webhooks on").
 WEBHOOK_SHARE = 0.9
 
 
