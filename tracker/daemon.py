@@ -521,9 +521,9 @@ async def _start_webhook_listener(
     A delivery moves the named batches' next check to now in the database and wakes this
     daemon; on PostgreSQL the store's NOTIFY wakes the other instances too.
     """
-    from aiohttp import web
 
     from tracker.domain.addresses import parse_listen_address
+    from tracker.http_listener import start_listener
     from tracker.webhook import webhook_app
 
     secret = settings.read_webhook_secret()
@@ -544,23 +544,7 @@ async def _start_webhook_listener(
         max_body=WEBHOOK_MAX_BODY,
         on_outcome=metrics.observe_webhook if metrics is not None else None,
     )
-    # No access log: it would print the path, which holds the secret.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    log.info("webhook.listening", addresses=[_host_port(bound) for bound in runner.addresses])
-    return runner
-
-
-def _host_port(bound: object) -> str:
-    if isinstance(bound, tuple) and len(bound) >= 2:
-        host, port = str(bound[0]), bound[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(bound)
+    return await start_listener(app, host, port, event="webhook.listening")
 
 
 async def _register(store: Store, owner: str) -> datetime:

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from tracker.domain.addresses import parse_listen_address
 from tracker.domain.states import State, parse_state
+from tracker.http_listener import start_listener
 
 _log = structlog.get_logger(__name__)
 
@@ -170,23 +171,4 @@ async def start_metrics_server(
     app = web.Application()
     app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/healthz", serve_health)
-    # No access log: a scrape every few seconds is noise. A short shutdown timeout: a
-    # scrape in flight at exit is not worth holding up the daemon's stop.
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=2.0)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except BaseException:
-        await runner.cleanup()
-        raise
-    _log.info("metrics.listening", addresses=[_url_host_port(bound) for bound in runner.addresses])
-    return runner
-
-
-def _url_host_port(bound: object) -> str:
-    # runner.addresses holds socket addresses: (host, port) for IPv4, (host, port, flow, scope)
-    # for IPv6.
-    if isinstance(bound, tuple) and len(bound) >= 2:
-        host, port = str(bound[0]), bound[1]
-        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    return str(bound)
+    return await start_listener(app, host, port, event="metrics.listening")
