@@ -18,11 +18,18 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from tracker.db import describe_db_error
 from tracker.domain.model import Decision, Tracked
-from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State, can_transition
+from tracker.domain.states import (
+    ACTIVE_STATES,
+    POLLED_STATES,
+    TERMINAL_STATES,
+    State,
+    can_transition,
+)
 from tracker.schema import UnreadableTimestamp, batches, instances, transitions
 
 _ACTIVE = sorted(s.value for s in ACTIVE_STATES)
 _TERMINAL = sorted(s.value for s in TERMINAL_STATES)
+_POLLED = sorted(s.value for s in POLLED_STATES)
 
 
 @dataclass(frozen=True)
@@ -433,7 +440,7 @@ class Store:
                 "expires_at": now + timedelta(seconds=lease_seconds),
             }
             rows = connection.execute(self._claim, parameters).all()
-        claimed = [_tracked(row) for row in rows]
+        claimed = [_tracked(row, now) for row in rows]
         claimed.sort(key=lambda batch: batch.id)
         return claimed
 
@@ -553,6 +560,7 @@ class Store:
             "w_request_id": batch.request_id,
             "w_lease_token": batch.lease_token,
             "w_state": batch.state.value,
+            "w_claimed_at": batch.claimed_at,
             "n_state": decision.to_state.value,
             "n_now": now,
             "n_next_check_at": None if final else decision.next_check_at,
@@ -817,7 +825,7 @@ def _batch_update() -> sa.Update:
         .values(
             state=sa.bindparam("n_state"),
             updated_at=sa.bindparam("n_now", type_=c.updated_at.type),
-            next_check_at=sa.bindparam("n_next_check_at", type_=c.next_check_at.type),
+            next_check_at=_next_check_kept_early(),
             checks=c.checks + sa.bindparam("n_checked", type_=sa.Integer),
             faults=sa.bindparam("n_faults"),
             rejections=sa.bindparam("n_rejections"),
@@ -846,6 +854,32 @@ def _batch_update() -> sa.Update:
                 else_=c.lease_expires_at,
             ),
         )
+    )
+
+
+def _next_check_kept_early() -> sa.Case[Any]:
+    """The decision's next check, or now when a webhook hint arrived during this claim.
+
+    The hint then landed while the status call was in flight (see `bring_forward`), maybe
+    just after Deepvue answered "still processing": the batch is looked at again at once,
+    instead of after the polling interval the decision planned. Only a status call decides
+    from a hint, so a download's retry time (ready) and a final state are kept as planned.
+    """
+    c = batches.c
+    planned = sa.bindparam("n_next_check_at", type_=c.next_check_at.type)
+    written_at = sa.bindparam("n_now", type_=c.next_check_at.type)
+    claimed_at = sa.bindparam("w_claimed_at", type_=c.hinted_at.type)
+    return sa.case(
+        (
+            sa.and_(
+                # A list of literals, not an expanding parameter: executemany takes none.
+                sa.bindparam("n_state", type_=c.state.type).in_([sa.literal(v) for v in _POLLED]),
+                c.hinted_at > claimed_at,
+                planned > written_at,
+            ),
+            written_at,
+        ),
+        else_=planned,
     )
 
 
@@ -938,7 +972,7 @@ def _claim(dialect: str) -> sa.Update:
 _COUNTERS = ("checks", "faults", "rejections", "download_attempts")
 
 
-def _tracked(row: sa.Row[Any]) -> Tracked:
+def _tracked(row: sa.Row[Any], claimed_at: datetime) -> Tracked:
     """A claimed row as the policy sees it; values it cannot use are listed as problems and
     replaced by harmless ones, so that nothing downstream trips over them."""
     problems = _row_problems(row)
@@ -952,6 +986,7 @@ def _tracked(row: sa.Row[Any]) -> Tracked:
         lease_token=row.lease_token,
         created_at=row.created_at,
         problems=problems,
+        claimed_at=claimed_at,
         **counters,
     )
 
@@ -1047,23 +1082,33 @@ def _hand_back() -> sa.Update:
 
 
 def _bring_forward(dialect: str) -> sa.Update:
-    """Bring the named unfinished batches' next check to now, at most once per spacing."""
+    """Bring the named unfinished batches' next check to now, at most once per spacing.
+
+    A batch not yet due is moved to now. A batch due and leased has its call in flight:
+    only the hint's time is stamped, and the worker's write-back keeps the next check at
+    once (`_next_check_kept_early`). A batch due and not leased is left: it is claimed
+    next anyway. An unreadable time is the claim's to reject.
+    """
     c = batches.c
     now = sa.bindparam("now", type_=c.next_check_at.type)
+    not_yet_due = sa.and_(c.next_check_at > now, sa.not_(_unreadable(c.next_check_at, dialect)))
+    in_flight = sa.and_(
+        c.lease_owner.is_not(None),
+        c.lease_expires_at > now,
+        sa.not_(_unreadable(c.lease_expires_at, dialect)),
+    )
     return (
         batches.update()
         .where(
             c.request_id.in_(sa.bindparam("ids", expanding=True)),
             c.state.in_(_ACTIVE),
-            # NULL or earlier is due already; an unreadable time is the claim's to reject.
-            c.next_check_at > now,
-            sa.not_(_unreadable(c.next_check_at, dialect)),
+            sa.or_(not_yet_due, in_flight),
             sa.or_(
                 c.hinted_at.is_(None),
                 c.hinted_at <= sa.bindparam("hinted_before", type_=c.hinted_at.type),
             ),
         )
-        .values(next_check_at=now, hinted_at=now)
+        .values(next_check_at=sa.case((not_yet_due, now), else_=c.next_check_at), hinted_at=now)
         .returning(c.request_id)
     )
 

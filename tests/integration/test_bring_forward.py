@@ -9,9 +9,10 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
+from tracker.domain.model import Decision
 from tracker.domain.states import ACTIVE_STATES, TERMINAL_STATES, State
 from tracker.schema import batches
-from tracker.store import BatchRow, Store
+from tracker.store import BatchRow, BatchWrite, Store
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 LATER = NOW + timedelta(hours=1)
@@ -155,3 +156,69 @@ def test_a_move_wakes_the_daemons_on_postgresql(pg_url: str) -> None:
         assert [n.channel for n in heard] == ["tracker_wakeup"]
     finally:
         engine.dispose()
+
+
+def test_a_hint_during_the_status_call_is_kept_for_after_it(engine: sa.Engine) -> None:
+    """The delivery lands while the batch's status call is in flight (claimed, due, leased):
+    the worker's write must not bury it under the next polling interval."""
+    store = Store(engine)
+    _track(store, "abc123", state=State.PROCESSING.value, next_check_at=NOW)
+    [claimed] = store.claim_due("worker-a", 10, 60, NOW)
+    hint_at = NOW + timedelta(seconds=1)
+
+    assert store.bring_forward(["abc123"], hint_at, SPACING) == {"abc123"}
+    row = _row(store, "abc123")
+    assert (row.hinted_at, row.next_check_at, row.lease_owner) == (hint_at, NOW, "worker-a")
+
+    # The call answered "still processing" before the completion: polling alone would wait.
+    written_at = NOW + timedelta(seconds=2)
+    decision = Decision(
+        to_state=State.PROCESSING, next_check_at=LATER, checked=True, api_status=200
+    )
+    store.apply([BatchWrite(claimed, decision)], written_at)
+
+    row = _row(store, "abc123")
+    assert (row.state, row.checks, row.lease_owner) == ("processing", 3, None)
+    assert row.next_check_at == written_at
+    assert [b.request_id for b in store.claim_due("worker-b", 10, 60, written_at)] == ["abc123"]
+
+
+def test_a_hint_before_the_claim_is_not_counted_again(engine: sa.Engine) -> None:
+    """The hint that made the batch due is spent by the check it brought forward."""
+    store = Store(engine)
+    _track(store, "abc123", state=State.PROCESSING.value)
+    assert store.bring_forward(["abc123"], NOW, SPACING) == {"abc123"}
+    [claimed] = store.claim_due("worker-a", 10, 60, NOW + timedelta(seconds=1))
+    decision = Decision(
+        to_state=State.PROCESSING, next_check_at=LATER, checked=True, api_status=200
+    )
+    store.apply([BatchWrite(claimed, decision)], NOW + timedelta(seconds=2))
+    assert _row(store, "abc123").next_check_at == LATER
+
+
+def test_a_hint_during_a_download_keeps_its_backoff(engine: sa.Engine) -> None:
+    """Only a status call decides from a hint; a ready batch's download retry keeps its time."""
+    store = Store(engine)
+    _track(store, "abc123", state=State.READY.value, next_check_at=NOW)
+    [claimed] = store.claim_due("worker-a", 10, 60, NOW)
+    assert store.bring_forward(["abc123"], NOW + timedelta(seconds=1), SPACING) == {"abc123"}
+    decision = Decision(to_state=State.READY, next_check_at=LATER, download_attempts=1)
+    store.apply([BatchWrite(claimed, decision)], NOW + timedelta(seconds=2))
+    assert _row(store, "abc123").next_check_at == LATER
+
+
+def test_an_in_flight_hint_counts_against_the_spacing(engine: sa.Engine) -> None:
+    store = Store(engine)
+    _track(store, "abc123", state=State.PROCESSING.value, next_check_at=NOW)
+    store.claim_due("worker-a", 10, 60, NOW)
+    assert store.bring_forward(["abc123"], NOW + timedelta(seconds=1), SPACING) == {"abc123"}
+    assert store.bring_forward(["abc123"], NOW + timedelta(seconds=2), SPACING) == set()
+
+
+def test_a_batch_due_but_not_leased_is_left_as_it_is(engine: sa.Engine) -> None:
+    """An expired lease is nobody's call in flight: the batch is due and will be claimed."""
+    store = Store(engine)
+    _track(store, "abc123", state=State.PROCESSING.value, next_check_at=NOW)
+    store.claim_due("worker-a", 10, 60, NOW)
+    after_the_lease = NOW + timedelta(seconds=61)
+    assert store.bring_forward(["abc123"], after_the_lease, SPACING) == set()

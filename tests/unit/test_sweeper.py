@@ -296,3 +296,29 @@ def test_a_sweep_paced_by_the_call_budget_claims_as_soon_as_a_permit_frees(
     assert report.checked == 15
     # About 0.6 s here; a second of idling per round would make it 2.6 s or more.
     assert took < 1.8, f"{took:.2f} s for three rounds of a 0.25 s window"
+
+
+def test_a_webhook_during_the_status_call_brings_the_next_check_forward(
+    harness: Harness, store: Store, fake: FakeDeepvue
+) -> None:
+    """Deepvue answers "processing", completes, and its webhook lands before the sweep has
+    written that answer back: the batch is checked again at once, not an hour later."""
+    store.enqueue("b1")
+    hints: list[set[str]] = []
+
+    def processing_then_the_webhook(request: httpx.Request) -> httpx.Response:
+        hints.append(store.bring_forward(["b1"], datetime.now(UTC), 30))
+        return in_progress("b1")
+
+    fake.status_override = processing_then_the_webhook
+    first = asyncio.run(harness.sweep())
+    assert hints == [{"b1"}]
+    row = harness.rows()["b1"]
+    assert (first.checked, row.state, row.lease_owner) == (1, "processing", None)
+    assert row.next_check_at is not None and row.next_check_at <= datetime.now(UTC)
+
+    fake.status_override = None
+    fake.script("b1", completed("b1"))
+    asyncio.run(harness.sweep())
+    assert harness.rows()["b1"].state == "downloaded"
+    assert fake.status_calls == ["b1", "b1"]

@@ -63,6 +63,9 @@ class Tracked:
     # What is wrong with the row itself (a value another application wrote that is not a
     # timestamp, a counter the columns cannot hold), one phrase each; empty when sound.
     problems: tuple[str, ...] = ()
+    # When this lease was taken: a webhook hint stamped after it arrived while the batch's
+    # call was in flight, and the write-back keeps it (see Store.bring_forward).
+    claimed_at: datetime | None = None
 
 
 @dataclass(frozen=True)

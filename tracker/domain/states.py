@@ -18,6 +18,8 @@ class State(StrEnum):
 
 ACTIVE_STATES: frozenset[State] = frozenset({State.PENDING, State.PROCESSING, State.READY})
 TERMINAL_STATES: frozenset[State] = frozenset(State) - ACTIVE_STATES
+# The states whose next step is a status call (a ready batch's is a download).
+POLLED_STATES: frozenset[State] = frozenset({State.PENDING, State.PROCESSING})
 
 _ALLOWED: dict[State, frozenset[State]] = {
     # Deepvue may answer "completed" or "failed" on the very first look, so pending can
