@@ -112,6 +112,12 @@ class Daemon:
         self._progress_seen = 0
         # Whether the database has heard of a finished sweep yet (`tracker check` asks).
         self._sweep_recorded = False
+        # When the webhook listener last took a delivery; told with the next heartbeat.
+        self._last_delivery_at: datetime | None = None
+
+    def delivery_heard(self) -> None:
+        """A webhook delivery with the right secret came in (`tracker status` shows when)."""
+        self._last_delivery_at = self.clock.now()
 
     def heartbeat_interval(self) -> float:
         # Three heartbeats per timeout: one lost to a database blip does not look like death.
@@ -130,7 +136,9 @@ class Daemon:
             self._progress_seen = progress
             self.last_sweep_at = self.clock.now()
         try:
-            now = await asyncio.to_thread(store.heartbeat, self._owner, self.last_sweep_at)
+            now = await asyncio.to_thread(
+                store.heartbeat, self._owner, self.last_sweep_at, self._last_delivery_at
+            )
             self.clock.sync(now)
             freed = await asyncio.to_thread(store.free_silent_instances, self.heartbeat_timeout)
         except sa.exc.SQLAlchemyError as error:
@@ -474,7 +482,7 @@ async def run_service(
             webhook_server = None
             if settings.webhook_addr:
                 webhook_server = await _start_webhook_listener(
-                    settings, scrubber, store=store, clock=clock, wake=daemon.wake, metrics=metrics
+                    settings, scrubber, store=store, clock=clock, daemon=daemon, metrics=metrics
                 )
             metrics_server = None
             if metrics is not None and settings.metrics_addr:
@@ -513,13 +521,14 @@ async def _start_webhook_listener(
     *,
     store: Store,
     clock: DatabaseClock,
-    wake: Callable[[], None],
+    daemon: Daemon,
     metrics: Metrics | None,
 ) -> web.AppRunner:
     """Serve webhook deliveries on TRACKER_WEBHOOK_ADDR until `cleanup()`.
 
     A delivery moves the named batches' next check to now in the database and wakes this
-    daemon; on PostgreSQL the store's NOTIFY wakes the other instances too.
+    daemon; on PostgreSQL the store's NOTIFY wakes the other instances too. Every delivery
+    with the right secret is counted by outcome and noted for the heartbeat.
     """
 
     from tracker.domain.addresses import parse_listen_address
@@ -535,14 +544,17 @@ async def _start_webhook_listener(
             store.bring_forward, request_ids, clock.now(), settings.poll_min_interval
         )
         if moved:
-            wake()
+            daemon.wake()
         return moved
 
+    def on_outcome(outcome: str) -> None:
+        if metrics is not None:
+            metrics.observe_webhook(outcome)
+        if outcome != "refused":
+            daemon.delivery_heard()
+
     app = webhook_app(
-        secret,
-        bring_forward=bring_forward,
-        max_body=WEBHOOK_MAX_BODY,
-        on_outcome=metrics.observe_webhook if metrics is not None else None,
+        secret, bring_forward=bring_forward, max_body=WEBHOOK_MAX_BODY, on_outcome=on_outcome
     )
     return await start_listener(app, host, port, event="webhook.listening")
 

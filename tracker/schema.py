@@ -166,6 +166,8 @@ transitions = sa.Table(
     sa.Column("api_status", sa.Integer, nullable=True),
     sa.Column("api_message", sa.Text, nullable=True),
     sa.Column("detail", sa.Text, nullable=True),
+    # The check that made this transition was brought forward by a webhook delivery.
+    sa.Column("brought_forward", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.CheckConstraint("from_state <> to_state", name="changes_state"),
     sa.Index("ix_tracker_transitions_batch_id", "batch_id", "id"),
     sqlite_autoincrement=True,
@@ -208,5 +210,8 @@ instances = sa.Table(
     # The kernel's boot id: with the host name, it tells a daemon that a predecessor whose
     # pid is gone is really dead (same machine, same boot), not on another machine.
     sa.Column("boot_id", sa.Text, nullable=True),
+    # When this instance's webhook listener last took a delivery with the right secret;
+    # written with the heartbeat, so a flood of deliveries costs no write of its own.
+    sa.Column("last_delivery_at", UTCDateTime, nullable=True),
     sa.Index("ix_tracker_instances_host", "host"),
 )

@@ -97,6 +97,7 @@ class TransitionRow:
     api_status: int | None
     api_message: str | None
     detail: str | None
+    brought_forward: bool = False
 
 
 class OperatorResult(StrEnum):
@@ -712,15 +713,24 @@ class Store:
             )
         return now
 
-    def heartbeat(self, owner: str, last_sweep_at: datetime | None = None) -> datetime:
-        """This instance is alive (and swept at `last_sweep_at`); the database's now.
+    def heartbeat(
+        self,
+        owner: str,
+        last_sweep_at: datetime | None = None,
+        last_delivery_at: datetime | None = None,
+    ) -> datetime:
+        """This instance is alive (and swept at `last_sweep_at`, heard a webhook delivery at
+        `last_delivery_at`); the database's now.
 
         A heartbeat also revives an instance that another one had presumed dead (it was
         paused for longer than the timeout): its old leases are gone, its new work is its own.
         """
         with self.engine.begin() as connection:
             now = self._now_in(connection)
-            connection.execute(self._heartbeat, _heartbeat_parameters(owner, now, last_sweep_at))
+            connection.execute(
+                self._heartbeat,
+                _heartbeat_parameters(owner, now, last_sweep_at, last_delivery_at),
+            )
         return now
 
     def mark_stopped(self, owner: str) -> None:
@@ -806,6 +816,14 @@ class Store:
             last: datetime | None = connection.execute(query).scalar_one_or_none()
         return last
 
+    def last_delivery(self) -> datetime | None:
+        """When any instance's webhook listener last took a delivery with the right secret,
+        as told by its latest heartbeat (so up to a third of the heartbeat timeout late)."""
+        query = sa.select(sa.func.max(instances.c.last_delivery_at))
+        with self.engine.begin() as connection:
+            last: datetime | None = connection.execute(query).scalar_one_or_none()
+        return last
+
 
 def _batch_update() -> sa.Update:
     """The one UPDATE every worker write uses, guarded by what the worker claimed and read.
@@ -858,16 +876,18 @@ def _batch_update() -> sa.Update:
 
 
 def _next_check_kept_early() -> sa.Case[Any]:
-    """The decision's next check, or now when a webhook hint arrived during this claim.
+    """The decision's next check, or the hint's moment when a webhook hint arrived during
+    this claim.
 
     The hint then landed while the status call was in flight (see `bring_forward`), maybe
-    just after Deepvue answered "still processing": the batch is looked at again at once,
-    instead of after the polling interval the decision planned. Only a status call decides
-    from a hint, so a download's retry time (ready) and a final state are kept as planned.
+    just after Deepvue answered "still processing": the batch is due again at once, instead
+    of after the polling interval the decision planned, and its next check is the hint's
+    own moment, as for a hint between checks, so that the claim knows it was brought
+    forward. Only a status call decides from a hint: a download's retry time (ready) and a
+    final state are kept as planned.
     """
     c = batches.c
     planned = sa.bindparam("n_next_check_at", type_=c.next_check_at.type)
-    written_at = sa.bindparam("n_now", type_=c.next_check_at.type)
     claimed_at = sa.bindparam("w_claimed_at", type_=c.hinted_at.type)
     return sa.case(
         (
@@ -875,9 +895,9 @@ def _next_check_kept_early() -> sa.Case[Any]:
                 # A list of literals, not an expanding parameter: executemany takes none.
                 sa.bindparam("n_state", type_=c.state.type).in_([sa.literal(v) for v in _POLLED]),
                 c.hinted_at > claimed_at,
-                planned > written_at,
+                planned > c.hinted_at,
             ),
-            written_at,
+            c.hinted_at,
         ),
         else_=planned,
     )
@@ -965,6 +985,7 @@ def _claim(dialect: str) -> sa.Update:
             c.download_attempts,
             c.created_at,
             c.next_check_at,
+            c.hinted_at,
         )
     )
 
@@ -987,6 +1008,9 @@ def _tracked(row: sa.Row[Any], claimed_at: datetime) -> Tracked:
         created_at=row.created_at,
         problems=problems,
         claimed_at=claimed_at,
+        # A hint sets the next check to its own moment (see `bring_forward`); any other
+        # next check was planned by a decision.
+        brought_forward=row.hinted_at is not None and row.hinted_at == row.next_check_at,
         **counters,
     )
 
@@ -1132,14 +1156,26 @@ def _heartbeat() -> sa.Update:
             last_sweep_at=sa.func.coalesce(
                 sa.bindparam("i_last_sweep", type_=c.last_sweep_at.type), c.last_sweep_at
             ),
+            last_delivery_at=sa.func.coalesce(
+                sa.bindparam("i_last_delivery", type_=c.last_delivery_at.type),
+                c.last_delivery_at,
+            ),
         )
     )
 
 
 def _heartbeat_parameters(
-    owner: str, now: datetime, last_sweep_at: datetime | None
+    owner: str,
+    now: datetime,
+    last_sweep_at: datetime | None,
+    last_delivery_at: datetime | None = None,
 ) -> dict[str, Any]:
-    return {"i_owner": owner, "i_now": now, "i_last_sweep": last_sweep_at}
+    return {
+        "i_owner": owner,
+        "i_now": now,
+        "i_last_sweep": last_sweep_at,
+        "i_last_delivery": last_delivery_at,
+    }
 
 
 def _allowed(write: BatchWrite) -> bool:
@@ -1158,4 +1194,5 @@ def _transition_row(write: BatchWrite, now: datetime) -> dict[str, Any]:
         "api_status": decision.api_status,
         "api_message": decision.api_message,
         "detail": decision.detail,
+        "brought_forward": batch.brought_forward and decision.checked,
     }

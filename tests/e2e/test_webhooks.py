@@ -6,6 +6,7 @@ completing was found by its webhook.
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import time
@@ -62,6 +63,8 @@ def test_webhooks_bring_checks_forward(
         TRACKER_POLL_MAX_INTERVAL="30",
         TRACKER_WEBHOOK_ADDR=f"127.0.0.1:{port}",
         TRACKER_WEBHOOK_SECRET=SECRET,
+        # A heartbeat a second: it carries the last delivery's time to `tracker status`.
+        TRACKER_HEARTBEAT_TIMEOUT="3",
     )
     daemon = run_daemon(env)
     daemon.wait_started()
@@ -79,6 +82,22 @@ def test_webhooks_bring_checks_forward(
     assert time.monotonic() - started < COMPLETION_DELAY + 10  # polling alone: 30 s
     calls = _status_calls(api)
     assert all(1 <= calls.get(batch, 0) <= 3 for batch in batches), calls
+    # `tracker show` marks the step whose check the webhook brought forward.
+    for batch in batches:
+        shown = run_tracker(env, "show", "--json", batch)
+        assert shown.returncode == 0, shown.stderr
+        steps = json.loads(shown.stdout)["transitions"]
+        marked = [(t["from_state"], t["to_state"]) for t in steps if t["brought_forward"]]
+        assert marked == [("processing", "ready")], steps
+    text_view = run_tracker(env, "show", batches[0])
+    assert "webhook" in text_view.stdout
+    # `tracker status` tells when the last delivery came (with the next heartbeat).
+    wait_until(
+        lambda: json.loads(run_tracker(env, "status", "--json").stdout)["last_webhook_delivery"],
+        10,
+        "the last delivery in tracker status",
+    )
+    assert "last webhook delivery" in run_tracker(env, "status").stdout
 
     # A wrong secret: 404, and no row changes (a batch not yet complete is named).
     slow = f"slow-{uuid.uuid4().hex[:8]}"

@@ -179,8 +179,9 @@ def test_a_hint_during_the_status_call_is_kept_for_after_it(engine: sa.Engine) -
 
     row = _row(store, "abc123")
     assert (row.state, row.checks, row.lease_owner) == ("processing", 3, None)
-    assert row.next_check_at == written_at
-    assert [b.request_id for b in store.claim_due("worker-b", 10, 60, written_at)] == ["abc123"]
+    assert row.next_check_at == hint_at
+    [again] = store.claim_due("worker-b", 10, 60, written_at)
+    assert (again.request_id, again.brought_forward) == ("abc123", True)
 
 
 def test_a_hint_before_the_claim_is_not_counted_again(engine: sa.Engine) -> None:
@@ -222,3 +223,16 @@ def test_a_batch_due_but_not_leased_is_left_as_it_is(engine: sa.Engine) -> None:
     store.claim_due("worker-a", 10, 60, NOW)
     after_the_lease = NOW + timedelta(seconds=61)
     assert store.bring_forward(["abc123"], after_the_lease, SPACING) == set()
+
+
+def test_the_transition_a_brought_forward_check_made_is_marked(engine: sa.Engine) -> None:
+    store = Store(engine)
+    hinted = _track(store, "hinted", state=State.PROCESSING.value)
+    polled = _track(store, "polled", state=State.PROCESSING.value, next_check_at=NOW)
+    assert store.bring_forward(["hinted"], NOW, SPACING) == {"hinted"}
+    claimed = store.claim_due("worker-a", 10, 60, NOW + timedelta(seconds=1))
+    assert {b.request_id: b.brought_forward for b in claimed} == {"hinted": True, "polled": False}
+    ready = Decision(to_state=State.READY, next_check_at=NOW, checked=True, api_status=200)
+    store.apply([BatchWrite(batch, ready) for batch in claimed], NOW + timedelta(seconds=2))
+    assert [t.brought_forward for t in store.history(hinted.id)] == [True]
+    assert [t.brought_forward for t in store.history(polled.id)] == [False]

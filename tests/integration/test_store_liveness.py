@@ -124,6 +124,20 @@ def test_heartbeat_records_the_last_sweep_and_returns_the_database_clock(
     assert store.last_sweep("host") is None
 
 
+def test_heartbeats_tell_the_last_webhook_delivery_of_any_instance(engine: sa.Engine) -> None:
+    store = Store(engine)
+    assert store.last_delivery() is None
+    store.register_instance("a", "host-a", 1, None)
+    store.register_instance("b", "host-b", 2, None)
+    first = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+    store.heartbeat("a", None, first)
+    store.heartbeat("b", None, first + timedelta(seconds=5))
+    assert store.last_delivery() == first + timedelta(seconds=5)
+    # A heartbeat with no delivery since keeps what was told.
+    store.heartbeat("b")
+    assert store.last_delivery() == first + timedelta(seconds=5)
+
+
 @pytest.mark.postgres
 def test_claims_and_leases_use_the_database_clock(pg_url: str) -> None:
     """Whatever this host's clock says: the database stamps and compares leases."""

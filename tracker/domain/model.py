@@ -66,6 +66,8 @@ class Tracked:
     # When this lease was taken: a webhook hint stamped after it arrived while the batch's
     # call was in flight, and the write-back keeps it (see Store.bring_forward).
     claimed_at: datetime | None = None
+    # This check was brought forward by a webhook delivery (its transition is marked so).
+    brought_forward: bool = False
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ def status_json(report: StatusReport) -> dict[str, Any]:
             "this_host": iso_utc(report.last_sweep_this_host),
             "host": report.host,
         },
+        "last_webhook_delivery": iso_utc(report.last_delivery),
         "recent_errors": [
             {
                 "request_id": row.request_id,

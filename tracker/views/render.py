@@ -134,6 +134,8 @@ def print_batch(
     steps.add_column("FROM", no_wrap=True)
     steps.add_column("TO", no_wrap=True)
     steps.add_column("API", justify="right", no_wrap=True)
+    # "webhook": the check that made this step was brought forward by a delivery.
+    steps.add_column("VIA", no_wrap=True)
     steps.add_column("DETAIL", overflow="fold")
     for step in history:
         steps.add_row(
@@ -141,6 +143,7 @@ def print_batch(
             _state(step.from_state),
             _state(step.to_state),
             _data(step.api_status),
+            Text("webhook" if step.brought_forward else ""),
             _data(step.detail or step.api_message or ""),
         )
     emit(console, Group(details, Text(""), steps))
@@ -194,6 +197,9 @@ def status_view(report: StatusReport, console: Console) -> RenderableType:
     facts.add_row(
         Text(f"last sweep, {report.host}"),
         Text(when_and_age(report.last_sweep_this_host, report.now)),
+    )
+    facts.add_row(
+        Text("last webhook delivery"), Text(when_and_age(report.last_delivery, report.now))
     )
 
     errors = _table(console, title="recent errors")

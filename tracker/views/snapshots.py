@@ -30,6 +30,8 @@ class StatusReport:
     last_sweep_any_host: datetime | None
     last_sweep_this_host: datetime | None
     recent_errors: list[BatchRow]
+    # When a webhook delivery with the right secret last reached any instance.
+    last_delivery: datetime | None = None
 
     @property
     def total(self) -> int:
@@ -58,6 +60,7 @@ def collect_status(
         last_sweep_any_host=store.last_sweep(),
         last_sweep_this_host=store.last_sweep(host),
         recent_errors=store.recent_errors(RECENT_ERRORS),
+        last_delivery=store.last_delivery(),
     )
 
 
