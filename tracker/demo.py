@@ -3,17 +3,25 @@
 A fresh temp directory holds a SQLite database and the downloads. A dozen batches with
 mixed outcomes are enqueued (some by raw SQL, as another application would), the daemon
 runs until every one is final, and a table shows where each ended up.
+
+Then webhooks: a second daemon polls every WEBHOOK_ACT_POLL seconds with its webhook
+listener on; half of a handful of batches have the simulator send their webhook, half do
+not, and a table shows how soon each half was found after completing, for how many calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import secrets
 import shutil
+import socket
 import tempfile
 import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 
@@ -21,12 +29,16 @@ from tracker.daemon import run_service
 from tracker.db import create_engine_for, upgrade_database
 from tracker.domain.model import PollPolicy
 from tracker.domain.states import ACTIVE_STATES
-from tracker.logs import configure_logging
+from tracker.logs import SecretScrubber, configure_logging
 from tracker.settings import Settings
-from tracker.simulator import SimulatorConfig, running_simulator
+from tracker.simulator import SimulatorConfig, SimulatorHandle, running_simulator
 from tracker.store import Store
 
 DEADLINE_SECONDS = 60.0
+COMPLETION_DELAY = 1.5
+# The webhook act polls this slowly, so that what the webhooks save shows.
+WEBHOOK_ACT_POLL = 8.0
+WEBHOOK_ACT_BATCHES = 3  # per half
 
 
 def _demo_batches() -> list[tuple[str, str, str]]:
@@ -53,23 +65,12 @@ def run_demo(clean: bool = False) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tracker-demo-"))
     started = time.monotonic()
     scrubber = configure_logging("console", "WARNING")
+    # Fresh databases: their migrations are no news here (the daemon logs them at INFO).
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     batches = _demo_batches()
     try:
-        with running_simulator(SimulatorConfig(completion_delay=1.5)) as simulator:
-            settings = Settings(
-                database_url=f"sqlite:///{workdir / 'tracker.db'}",
-                output_dir=workdir / "downloads",
-                api_base_url=simulator.base_url,
-                client_id="demo-client",
-                client_secret="demo-secret",  # noqa: S106 - the simulator's well-known demo secret
-                sweep_interval=0.5,
-                download_allowed_hosts=("127.0.0.1",),
-                rate_per_second=17,
-                rate_per_minute=1000,
-                rate_per_day=50_000,
-                log_format="console",
-                log_level="WARNING",
-            )
+        with running_simulator(SimulatorConfig(completion_delay=COMPLETION_DELAY)) as simulator:
+            settings = _demo_settings(simulator.base_url, workdir, "tracker.db")
             # Quick intervals so the demo finishes in seconds, not the production minutes.
             policy = PollPolicy(
                 min_interval=0.5, max_interval=2.0, fault_base=0.3, fault_cap=1.0, max_age=3600.0
@@ -82,10 +83,100 @@ def run_demo(clean: bool = False) -> int:
                     DEADLINE_SECONDS,
                 )
             )
-            return _report(store, batches, workdir, time.monotonic() - started)
+            surprises = _report(store, batches, workdir, time.monotonic() - started)
+            return max(surprises, _webhook_act(simulator, workdir, scrubber))
     finally:
         if clean:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _demo_settings(api_base_url: str, workdir: Path, database: str, **more: Any) -> Settings:
+    return Settings(
+        database_url=f"sqlite:///{workdir / database}",
+        output_dir=workdir / "downloads",
+        api_base_url=api_base_url,
+        client_id="demo-client",
+        client_secret="demo-secret",  # noqa: S106 - the simulator's well-known demo secret
+        sweep_interval=0.5,
+        download_allowed_hosts=("127.0.0.1",),
+        rate_per_second=17,
+        rate_per_minute=1000,
+        rate_per_day=50_000,
+        log_format="console",
+        log_level="WARNING",
+        **more,
+    )
+
+
+def _webhook_act(simulator: SimulatorHandle, workdir: Path, scrubber: SecretScrubber) -> int:
+    """Batches with and without a webhook, one slowly polling daemon: how soon each is found."""
+    port = _free_loopback_port()
+    secret = secrets.token_urlsafe(24)
+    settings = _demo_settings(
+        simulator.base_url,
+        workdir,
+        "webhooks.db",
+        webhook_addr=f"127.0.0.1:{port}",
+        webhook_secret=secret,
+    )
+    tag = uuid.uuid4().hex[:8]
+    hooked = [f"hook-{tag}-{n}" for n in range(WEBHOOK_ACT_BATCHES)]
+    polled = [f"poll-{tag}-{n}" for n in range(WEBHOOK_ACT_BATCHES)]
+    for request_id in hooked:
+        # What Deepvue does for a batch submitted with webhook_url (`tracker webhook-url`).
+        simulator.send_webhook(f"http://127.0.0.1:{port}/webhook/{secret}", request_id)
+    store = _enqueue(settings, [(request_id, "", "") for request_id in hooked + polled])
+    policy = PollPolicy(
+        min_interval=WEBHOOK_ACT_POLL, max_interval=WEBHOOK_ACT_POLL, max_age=3600.0
+    )
+    print(
+        f"\nwebhooks: {len(hooked)} batches send theirs, {len(polled)} do not; "
+        f"checks at least {WEBHOOK_ACT_POLL:g} s apart ...",
+        flush=True,
+    )
+    asyncio.run(
+        asyncio.wait_for(
+            run_service(settings, scrubber, policy=policy, until=_all_final), DEADLINE_SECONDS
+        )
+    )
+    calls: dict[str, int] = simulator.stats()["status_calls"]
+    header = f"{'':18}  {'FOUND AFTER COMPLETING':>22}  {'STATUS CALLS':>12}  STATES"
+    print(header)
+    print("-" * len(header))
+    unexpected = 0
+    medians: list[float] = []
+    for name, group in (("with a webhook", hooked), ("polling alone", polled)):
+        delays = [_found_after(store, request_id) for request_id in group]
+        found = sorted(delay for delay in delays if delay is not None)
+        if found:
+            medians.append(found[len(found) // 2])
+        shown = f"{found[len(found) // 2]:.1f} s (median)" if found else "-"
+        per_batch = sum(calls.get(request_id, 0) for request_id in group) / len(group)
+        final = {row.state for row in store.list_batches() if row.request_id in group}
+        unexpected += final != {"downloaded"}
+        print(f"{name:18}  {shown:>22}  {per_batch:>12.1f}  {', '.join(sorted(final))}")
+    if len(medians) == 2:
+        print(f"\nthe webhooks found their batches {medians[1] - medians[0]:.1f} s sooner")
+    return 0 if unexpected == 0 else 1
+
+
+def _found_after(store: Store, request_id: str) -> float | None:
+    """Seconds from the simulator completing the batch to the tracker seeing it ready."""
+    row = store.get(request_id)
+    if row is None:
+        return None
+    steps = {step.to_state: step.at for step in store.history(row.id)}
+    first_check, ready = steps.get("processing"), steps.get("ready")
+    if first_check is None or ready is None:
+        return None
+    # The simulator completes a batch COMPLETION_DELAY after its first status call.
+    return max(0.0, (ready - first_check).total_seconds() - COMPLETION_DELAY)
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def _enqueue(settings: Settings, batches: list[tuple[str, str, str]]) -> Store:

@@ -173,6 +173,16 @@ def test_demo_runs_end_to_end() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "13 batches final" in result.stdout
     assert "<- expected" not in result.stdout
+    # The webhook act: batches whose webhook came were found sooner, all downloaded.
+    rows = {
+        line[:18].strip(): line[18:].split()
+        for line in result.stdout.splitlines()
+        if line.startswith(("with a webhook", "polling alone"))
+    }
+    hooked, polled = rows["with a webhook"], rows["polling alone"]
+    assert hooked[-1] == polled[-1] == "downloaded"
+    assert float(hooked[0]) + 3 < float(polled[0])
+    assert "sooner" in result.stdout
 
 
 def test_check_reports_health(

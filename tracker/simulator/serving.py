@@ -107,6 +107,10 @@ class SimulatorHandle:
     def reset(self) -> None:
         self._on_loop(self._simulator.reset)
 
+    def send_webhook(self, url: str, request_id: str) -> None:
+        """Send `request_id`'s webhook to `url` when it finishes (as POST /_sim/webhooks)."""
+        self._on_loop(lambda: self._simulator.webhooks.register(url, request_id))
+
 
 @contextmanager
 def running_simulator(config: SimulatorConfig) -> Iterator[SimulatorHandle]:
