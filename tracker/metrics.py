@@ -97,7 +97,10 @@ class Metrics:
         )
         self._webhook_deliveries = prometheus_client.Counter(
             "tracker_webhook_deliveries",
-            "Webhook deliveries received by this instance, by outcome.",
+            "Webhook deliveries received by this instance, by outcome: matched (brought a"
+            " check forward), unmatched (nothing to bring forward: unknown, finished, or"
+            " already brought forward within the poll min interval), refused (wrong secret),"
+            " too_large, failed (database error, answered 503).",
             ["outcome"],
             registry=self.registry,
         )

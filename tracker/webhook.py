@@ -10,6 +10,7 @@ the path.
 from __future__ import annotations
 
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -29,24 +30,53 @@ _log = structlog.get_logger(__name__)
 BringForward = Callable[[set[str]], Awaitable[set[str]]]
 
 
+class _RefusalLog:
+    """Logs refused deliveries at most once per `interval` seconds, with how many there
+    were since the last line: a flood of wrong secrets must not become a flood of log
+    lines (the metric still counts every one)."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last_line: float | None = None
+        self._unlogged = 0
+
+    def refused(self, method: str) -> None:
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._last_line is not None and now - self._last_line < self._interval:
+            return
+        _log.info(
+            "webhook.refused",
+            path=_SHOWN_PATH,
+            method=method,
+            refused=self._unlogged,
+            detail=f"wrong or missing secret; at most one such line per {self._interval:g} s",
+        )
+        self._last_line = now
+        self._unlogged = 0
+
+
 def webhook_app(
     secret: str,
     *,
     bring_forward: BringForward,
     max_body: int,
     on_outcome: Callable[[str], None] | None = None,
+    refusal_log_interval: float = 60.0,
 ) -> web.Application:
     """An application answering `POST` (and `GET`, query string only) on /webhook/<secret>.
 
     `bring_forward` gets the candidate request_ids and returns those whose check it moved;
     the answer is 200 `{"matched": n}` whatever the body held, 413 above `max_body` bytes,
-    503 when `bring_forward` failed (the sender may retry), 404 for a wrong secret.
+    503 when `bring_forward` failed (the sender may retry), 404 for a wrong secret (logged
+    at most once per `refusal_log_interval` seconds, with the count since the last line).
     """
     if not secret:
         raise ValueError("the webhook secret must not be empty")
     if max_body < 0:
         raise ValueError("max_body must be >= 0")
     expected = secret.encode("utf-8")
+    refusals = _RefusalLog(refusal_log_interval)
 
     def outcome(name: str) -> None:
         if on_outcome is not None:
@@ -56,7 +86,7 @@ def webhook_app(
         given = request.match_info.get("secret", "").encode("utf-8", errors="surrogateescape")
         if not hmac.compare_digest(given, expected):
             outcome("refused")
-            _log.info("webhook.refused", path=_SHOWN_PATH, method=request.method)
+            refusals.refused(request.method)
             raise web.HTTPNotFound()
         if request.method not in ("POST", "GET"):
             raise web.HTTPMethodNotAllowed(request.method, ["POST", "GET"])

@@ -51,9 +51,12 @@ def store(tmp_path: Path) -> Store:
 class Listener:
     """The app under test, with what it asked of the store and what it counted."""
 
-    def __init__(self, store: Store, *, fail: bool = False) -> None:
+    def __init__(
+        self, store: Store, *, fail: bool = False, refusal_log_interval: float = 60.0
+    ) -> None:
         self.store = store
         self.fail = fail
+        self.refusal_log_interval = refusal_log_interval
         self.asked: list[set[str]] = []
         self.outcomes: list[str] = []
 
@@ -70,6 +73,7 @@ class Listener:
             bring_forward=self.bring_forward,
             max_body=MAX_BODY,
             on_outcome=self.outcomes.append,
+            refusal_log_interval=self.refusal_log_interval,
         )
 
     def serve(self, scenario: Scenario) -> None:
@@ -255,6 +259,23 @@ def test_the_secret_is_in_no_log_line(store: Store) -> None:
     assert A in delivery["preview"]
     for entry in logs:
         assert SECRET not in repr(entry), entry
+
+
+def test_a_flood_of_wrong_secrets_is_not_a_flood_of_log_lines(store: Store) -> None:
+    listener = Listener(store, refusal_log_interval=0.5)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        for _ in range(50):
+            assert (await client.post("/webhook/guess", json=[A])).status == 404
+        await asyncio.sleep(0.6)
+        assert (await client.post("/webhook/guess", json=[A])).status == 404
+
+    with capture_logs() as logs:
+        listener.serve(scenario)
+    refused = [entry for entry in logs if entry["event"] == "webhook.refused"]
+    # The first at once; the rest told by the next line, with their count.
+    assert [entry["refused"] for entry in refused] == [1, 50]
+    assert listener.outcomes == ["refused"] * 51
 
 
 def test_an_empty_secret_is_refused() -> None:
