@@ -35,8 +35,8 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -181,7 +181,7 @@ def load_main(config: Path) -> int:
 def run_load(load: Load, server_pid: int, directory: Path) -> LoadResult:
     """The load generator in its own process; the server's CPU over its measured window."""
     config = directory / f"load-{uuid.uuid4().hex[:8]}.json"
-    config.write_text(json.dumps(load.__dict__))
+    config.write_text(json.dumps(asdict(load)))
     process = subprocess.Popen(
         [PYTHON, str(THIS), "load", str(config)], stdout=subprocess.PIPE, text=True
     )
@@ -360,6 +360,12 @@ def backend_figures(
             rows_after = snapshot(url, untouched)
             changed = sum(rows_after.get(rid) != row for rid, row in rows_before.items())
             wrong_calls = sum(status_calls(api).values()) - calls_before
+            # The control: the right secret naming one of them changes its row and brings a
+            # status call, so the two counts above can see what they look for.
+            control = untouched[0]
+            deliver(hook_url(port), control, times=1)
+            control_changed = snapshot(url, [control]) != {control: rows_before[control]}
+            control_called = wait_for(lambda: status_calls(api).get(control, 0) > 0, 10.0)
 
             say(f"webhook: flood of deliveries, {backend}, {seconds:g} s at c={CONCURRENCY}")
             calls_before = sum(status_calls(api).values())
@@ -373,7 +379,7 @@ def backend_figures(
             flood_calls = sum(calls.values()) - calls_before
 
             say(f"webhook: {FINISHED_DELIVERIES} deliveries for one finished batch, {backend}")
-            finished_answers = deliver_sequentially(hook_url(port), finished)
+            finished_answers = deliver(hook_url(port), finished, times=FINISHED_DELIVERIES)
             time.sleep(2.5)  # two sweeps and more
             finished_calls = status_calls(api).get(finished, 0)
             if not daemon.alive():
@@ -426,10 +432,12 @@ def backend_figures(
             "deliveries refused",
             None,
             "= 0",
-            changed == 0 and refused > 0 and set(wrong.answered) == {404},
+            changed == 0 and refused > 0 and set(wrong.answered) == {404} and control_changed,
             note=(
                 f"{refused} deliveries answered 404 ({wrong.per_second(404):,.0f}/s) naming "
-                f"{len(untouched)} batches not hinted yet; answers {wrong.answered}"
+                f"{len(untouched)} batches not hinted yet; answers {wrong.answered}; one "
+                f"delivery with the right secret then changed its batch's row: "
+                f"{'yes' if control_changed else 'NO'}"
             ),
         )
     )
@@ -442,7 +450,9 @@ def backend_figures(
             "deliveries refused",
             None,
             "= 0",
-            wrong_calls == 0 and refused > 0,
+            wrong_calls == 0 and refused > 0 and control_called,
+            note="one delivery with the right secret then brought a status call: "
+            + ("yes" if control_called else "NO"),
         )
     )
     figures.append(
@@ -461,12 +471,23 @@ def backend_figures(
     return figures
 
 
-def deliver_sequentially(url: str, request_id: str) -> dict[int, int]:
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    """Whether `condition` came true within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def deliver(url: str, request_id: str, *, times: int) -> dict[int, int]:
+    """`times` deliveries naming `request_id`, one after another; answers by status."""
     import httpx
 
     answered: Counter[int] = Counter()
     with httpx.Client(timeout=10) as client:
-        for _ in range(FINISHED_DELIVERIES):
+        for _ in range(times):
             answer = client.post(url, content=_body(request_id))
             answered[answer.status_code] += 1
     return dict(answered)
