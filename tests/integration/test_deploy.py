@@ -434,8 +434,9 @@ def _size(text: str) -> int:
     """nginx's 64k and Caddy's 64KiB alike, in bytes (Caddy's KB is 1000)."""
     match = re.fullmatch(r"(\d+)\s*(k|m|KiB|MiB|KB|MB)?", text)
     assert match is not None, text
-    unit = {None: 1, "k": 1024, "KiB": 1024, "m": 1 << 20, "MiB": 1 << 20, "KB": 1000}
-    return int(match.group(1)) * unit.get(match.group(2), 1_000_000)
+    units = {None: 1, "k": 1 << 10, "KiB": 1 << 10, "m": 1 << 20, "MiB": 1 << 20}
+    units |= {"KB": 1000, "MB": 1000**2}
+    return int(match.group(1)) * units[match.group(2)]
 
 
 def _seconds(text: str) -> float:
