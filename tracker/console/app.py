@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jinja2
+import sqlalchemy as sa
+import structlog
 from aiohttp import web
 
 from tracker.console import pages
@@ -24,6 +26,7 @@ from tracker.console.csrf import FIELD as CSRF_FIELD
 from tracker.console.csrf import CsrfTokens
 from tracker.console.queries import ConsoleQueries
 from tracker.console.sessions import Sessions
+from tracker.db import describe_db_error
 from tracker.domain.redact import redact
 from tracker.views.text import printable, when_utc
 
@@ -95,7 +98,6 @@ def _templates() -> jinja2.Environment:
     environment.filters["when"] = when_utc
     environment.filters["segment"] = lambda value: quote(str(value), safe="")
     environment.filters["size"] = _size
-    environment.globals["urlencode"] = urlencode
     return environment
 
 
@@ -140,6 +142,23 @@ def _secure(headers: MutableMapping[str, str], path: str) -> None:
 async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except sa.exc.DBAPIError as error:
+        # Unreachable (503: try again), or refused this statement (a role without the
+        # rights to retry, say): the driver's first line says which, without SQL.
+        reason = describe_db_error(error)
+        structlog.get_logger("tracker.console").error(
+            "console.database_error", path=request.path, error=reason
+        )
+        unreachable = isinstance(error, sa.exc.OperationalError)
+        return render(
+            request,
+            "error.html",
+            status=503 if unreachable else 500,
+            title="Database error",
+            message=f"The database did not answer: {reason}"
+            if unreachable
+            else f"The database refused: {reason}",
+        )
     except web.HTTPException as error:
         if error.status < 400 or error.status == 401:
             raise
