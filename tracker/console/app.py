@@ -63,7 +63,7 @@ def console_app(
     `allow_actions`."""
     console = Console(
         queries=queries,
-        templates=_templates(),
+        templates=console_templates(),
         auth=Authenticator(token, sessions or Sessions()),
         csrf=csrf or CsrfTokens(),
         allow_actions=allow_actions,
@@ -86,7 +86,7 @@ def console_app(
     return app
 
 
-def _templates() -> jinja2.Environment:
+def console_templates() -> jinja2.Environment:
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("tracker.console", "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
