@@ -87,6 +87,8 @@ def console_app(
 
 
 def console_templates() -> jinja2.Environment:
+    """The page templates with the filters they use, every value autoescaped. They are
+    package data: CI's wheel smoke test compiles them from the installed wheel."""
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("tracker.console", "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
