@@ -157,7 +157,7 @@ async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResp
             "error.html",
             status=503 if unreachable else 500,
             title="Database error",
-            message=f"The database did not answer: {reason}"
+            message=f"The database could not be read: {reason}"
             if unreachable
             else f"The database refused: {reason}",
         )
