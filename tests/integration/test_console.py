@@ -1,7 +1,7 @@
 """The console on a real loopback server over a real store, on SQLite and PostgreSQL.
 
 aiohttp's TestServer serves the very application `tracker web` serves; the requests are
-real HTTP. Only the browser is missing: tests/e2e/test_console_browser.py drives one.
+real HTTP. Only the browser is missing: the browser tests drive one.
 """
 
 from __future__ import annotations
