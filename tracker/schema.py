@@ -141,6 +141,8 @@ batches = sa.Table(
     # The console's list filters, newest first (0008). (label, id): a label's page walks the
     # index in id order and stops after the page, for a rare label as for a common one.
     sa.Index("ix_tracker_batches_label_id", "label", "id"),
+    # Both filters at once, exactly and in id order, whichever of the two is the rarer.
+    sa.Index("ix_tracker_batches_state_label_id", "state", "label", "id"),
     # LIKE 'prefix%' uses a btree only under the "C" collation or with the pattern operator
     # class, which the unique index lacks. PostgreSQL only: SQLite's GLOB narrows the unique
     # index itself.

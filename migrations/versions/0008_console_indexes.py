@@ -1,4 +1,4 @@
-"""Indexes for the console's list filters: by label, and by request_id prefix.
+"""Indexes for the console's list filters: by label, by state and label, by request_id prefix.
 
 Revision ID: 0008
 Revises: 0007
@@ -21,6 +21,13 @@ def upgrade() -> None:
     # (label, id): a label's page is read newest first along the index and stops after the
     # page, however few or many of the table's rows carry that label.
     op.create_index("ix_tracker_batches_label_id", "tracker_batches", ["label", "id"])
+    # (state, label, id): both filters at once, exactly, in id order. Without it SQLite (no
+    # statistics of how values spread) reads a whole common label to find its few rows of a
+    # rare state, and PostgreSQL, taking the two as independent, may walk the primary key
+    # through every row when that label never had that state.
+    op.create_index(
+        "ix_tracker_batches_state_label_id", "tracker_batches", ["state", "label", "id"]
+    )
     if op.get_bind().dialect.name == "postgresql":
         # LIKE 'prefix%' can use a btree only under the C collation or with the pattern
         # operator class; the unique index on request_id has neither (C.UTF-8 is not "C").
@@ -36,4 +43,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.drop_index("ix_tracker_batches_request_id_pattern", table_name="tracker_batches")
+    op.drop_index("ix_tracker_batches_state_label_id", table_name="tracker_batches")
     op.drop_index("ix_tracker_batches_label_id", table_name="tracker_batches")

@@ -61,9 +61,16 @@ def sqlite_engine(sqlite_url: str) -> Iterator[sa.Engine]:
             {"label": "nightly", "before_id": 500_000},
             "SEARCH tracker_batches USING INDEX ix_tracker_batches_label_id (label=? AND id<?)",
         ),
+        # Both filters: (state, label, id), exact, in id order.
         (
             {"state": "downloaded", "label": "nightly"},
-            "SEARCH tracker_batches USING INDEX ix_tracker_batches_label_id (label=?)",
+            "SEARCH tracker_batches USING INDEX ix_tracker_batches_state_label_id "
+            "(state=? AND label=?)",
+        ),
+        (
+            {"state": "failed", "label": "nightly", "before_id": 500_000},
+            "SEARCH tracker_batches USING INDEX ix_tracker_batches_state_label_id "
+            "(state=? AND label=? AND id<?)",
         ),
         # GLOB narrows to the prefix's range of the unique index; the matches are sorted.
         (
@@ -108,6 +115,9 @@ ROWS = 20_000
 RARE_LABEL = "audit"
 # One row in 20, spread over the table.
 COMMON_LABEL = "label-7"
+# One row in 1,000 failed, none of them with COMMON_LABEL: taking state and label as
+# independent, a planner expects a page of failed label-7 rows along the primary key.
+RARE_STATE = "failed"
 # Request ids are hex, spread as real ones are (a multiplicative hash on SQLite, md5 on
 # PostgreSQL), so a prefix's rows lie all over the id order.
 _SQLITE_FILL = """
@@ -115,13 +125,13 @@ WITH RECURSIVE seq(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM seq WHERE n < :ro
 INSERT INTO tracker_batches (request_id, label, state, finished_at)
 SELECT printf('%08x', (n * 2654435761) % 4294967296),
        CASE WHEN n <= 10 THEN 'audit' ELSE 'label-' || (n % 20) END,
-       'downloaded', CURRENT_TIMESTAMP
+       CASE WHEN n % 1000 = 0 THEN 'failed' ELSE 'downloaded' END, CURRENT_TIMESTAMP
 FROM seq
 """
 _PG_FILL = """
 INSERT INTO tracker_batches (request_id, label, state, finished_at)
 SELECT md5(n::text), CASE WHEN n <= 10 THEN 'audit' ELSE 'label-' || (n % 20) END,
-       'downloaded', now()
+       CASE WHEN n % 1000 = 0 THEN 'failed' ELSE 'downloaded' END, now()
 FROM generate_series(1, :rows) AS n
 """
 
@@ -156,6 +166,8 @@ def _filter_cases(engine: sa.Engine) -> dict[str, dict[str, object]]:
         "rare prefix": {"request_id_prefix": rare_prefix},
         "common prefix": {"request_id_prefix": common_prefix},
         "common prefix, next page": {"request_id_prefix": common_prefix, "before_id": ROWS // 2},
+        "rare state, common label": {"state": RARE_STATE, "label": COMMON_LABEL},
+        "common state, rare label": {"state": "downloaded", "label": RARE_LABEL},
     }
 
 
@@ -180,6 +192,9 @@ def test_sqlite_filters_a_filled_analyzed_table_through_indexes(sqlite_url: str)
     finally:
         engine.dispose()
     label_page = "SEARCH tracker_batches USING INDEX ix_tracker_batches_label_id (label=?)"
+    both_filters = (
+        "SEARCH tracker_batches USING INDEX ix_tracker_batches_state_label_id (state=? AND label=?)"
+    )
     prefix_range = (
         "SEARCH tracker_batches USING INDEX sqlite_autoindex_tracker_batches_1 "
         "(request_id>? AND request_id<?)\nUSE TEMP B-TREE FOR ORDER BY"
@@ -191,6 +206,8 @@ def test_sqlite_filters_a_filled_analyzed_table_through_indexes(sqlite_url: str)
         "rare prefix": prefix_range,
         "common prefix": prefix_range,
         "common prefix, next page": prefix_range,
+        "rare state, common label": both_filters,
+        "common state, rare label": both_filters,
     }
 
 
@@ -227,6 +244,11 @@ def test_postgresql_filters_a_filled_analyzed_table_through_indexes(pg_url: str)
     # A rare prefix narrows the pattern index to its range; the few matches are sorted.
     assert "ix_tracker_batches_request_id_pattern" in plans["rare prefix"], plans["rare prefix"]
     assert "request_id ~>=~" in plans["rare prefix"], plans["rare prefix"]
+    # Both filters: (state, label, id) in id order, whichever of the two is rare.
+    for name in ("rare state, common label", "common state, rare label"):
+        assert "Index Scan Backward using ix_tracker_batches_state_label_id" in plans[name], plans[
+            name
+        ]
     # A common prefix: either that range, or the primary key backwards until the page is
     # full, which a sixteenth of the rows fills after some 800 of them.
     for name in ("common prefix", "common prefix, next page"):
