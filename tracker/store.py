@@ -905,9 +905,10 @@ def batch_page_query(
 
     Keyset pagination: each page starts where the last one ended, through the primary key
     (or the state index, whose SQLite entries end with the id), so a page deep in a table
-    of millions of rows costs what the first one does. A label's page walks (label, id);
-    a prefix narrows the unique index (SQLite's GLOB) or a text_pattern_ops index
-    (PostgreSQL's LIKE) to its range, and sorts the matches (migration 0008).
+    of millions of rows costs what the first one does. A label's page walks (label, id),
+    a state and a label together (state, label, id); a prefix narrows the unique index
+    (SQLite's GLOB) or a text_pattern_ops index (PostgreSQL's LIKE) to its range, and sorts
+    the matches (migration 0008).
     """
     c = batches.c
     query = sa.select(batches).order_by(c.id.desc()).limit(limit)
