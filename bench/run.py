@@ -36,12 +36,13 @@ from common import (
 )
 
 # Cheapest first, so a quick run reports something useful early.
-SECTIONS = ("quota", "history", "pickup", "idle", "download", "engine", "ceiling")
+SECTIONS = ("quota", "history", "pickup", "idle", "console", "download", "engine", "ceiling")
 MODULES = {
     "quota": "quota_sim",
     "history": "history",
     "pickup": "pickup",
     "idle": "idle",
+    "console": "console",
     "download": "download",
     "engine": "engine",
     "ceiling": "ceiling",
