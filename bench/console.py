@@ -130,9 +130,10 @@ def load_rows(engine: sa.Engine, finished: int, unfinished: int) -> float:
         if postgres:
             # A wake-up NOTIFY per row is pointless work for a bulk load.
             connection.execute(sa.text("ALTER TABLE tracker_batches DISABLE TRIGGER USER"))
-        connection.execute(
-            sa.text(_PG_FINISHED if postgres else _SQLITE_FINISHED), {"rows": finished}
-        )
+        if finished:  # (SQLite's recursive count starts at 1 whatever the limit)
+            connection.execute(
+                sa.text(_PG_FINISHED if postgres else _SQLITE_FINISHED), {"rows": finished}
+            )
         connection.execute(
             sa.text(_PG_UNFINISHED if postgres else _SQLITE_UNFINISHED), {"rows": unfinished}
         )
@@ -403,6 +404,14 @@ def console_figures(
         load_seconds = load_rows(engine, finished, UNFINISHED)
         load_budget_and_instances(engine)
         analyze(engine)
+        # The same console over the unfinished batches alone: what the finished ones cost.
+        empty_directory = stack.enter_context(temp_dir())
+        empty_url = stack.enter_context(database(backend, admin, empty_directory))
+        empty_engine = create_engine_for(empty_url)
+        stack.callback(empty_engine.dispose)
+        load_rows(empty_engine, 0, UNFINISHED)
+        load_budget_and_instances(empty_engine)
+        analyze(empty_engine)
         with engine.connect() as connection:
             top = int(
                 connection.execute(sa.text("SELECT max(id) FROM tracker_batches")).scalar_one()
@@ -420,9 +429,18 @@ def console_figures(
         client = stack.enter_context(
             httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         )
+        _, empty_base, empty_token = stack.enter_context(
+            running_console(empty_url, empty_directory / "console.log")
+        )
+        empty_client = stack.enter_context(
+            httpx.Client(
+                base_url=empty_base, headers={"Authorization": f"Bearer {empty_token}"}, timeout=60
+            )
+        )
         rendered: dict[str, list[float]] = {page.name: [] for page in chosen}
         bare: dict[str, list[float]] = {page.name: [] for page in chosen}
         in_process: dict[str, list[float]] = {page.name: [] for page in chosen}
+        without_finished: dict[str, list[float]] = {page.name: [] for page in chosen}
         say(f"console/{backend}: {runs} runs of {len(chosen)} pages, page and SQL alternating")
         for run in range(runs + 1):
             for page in chosen:
@@ -435,10 +453,12 @@ def console_figures(
                     page_time = fetch_seconds(client, page)
                 # Where the rest goes: the same reads through the console's own code, here.
                 read_time = read_seconds(reads, page)
+                empty_time = fetch_seconds(empty_client, page)
                 if run:  # the first run only warms caches, pools and templates
                     rendered[page.name].append(page_time)
                     bare[page.name].append(sql_time)
                     in_process[page.name].append(read_time)
+                    without_finished[page.name].append(empty_time)
         memory = sample_process(process.pid)
     figures = []
     for page in chosen:
@@ -458,7 +478,9 @@ def console_figures(
                     f"GET {page.path} over loopback HTTP with the bearer token, against its "
                     f"{sum(1 for s, _ in statements[page.name] if not s.startswith('--'))} "
                     f"statement(s) replayed bare; the same reads through the console's code "
-                    f"in-process took {median(in_process[page.name]) * 1000:.2f} ms; median of "
+                    f"in-process took {median(in_process[page.name]) * 1000:.2f} ms; the page "
+                    f"with only the {UNFINISHED:,} unfinished took "
+                    f"{median(without_finished[page.name]) * 1000:.2f} ms; median of "
                     f"{runs} alternating runs; rows bulk-loaded in {load_seconds:.1f} s"
                 ),
                 details=[f"query plans ({backend}):", *plans[page.name]]
