@@ -1,7 +1,7 @@
 """Run every benchmark and print each figure next to its baseline, measured in the same run.
 
     .venv/bin/python bench/run.py            # full run (see bench/README.md for how long)
-    .venv/bin/python bench/run.py --quick    # about three minutes, smaller sizes
+    .venv/bin/python bench/run.py --quick    # about four minutes, smaller sizes
     .venv/bin/python bench/run.py --only engine,history --markdown out.md
 
 Targets are ratios against a baseline measured side by side (absolute times on a shared
@@ -92,7 +92,7 @@ def preflight() -> list[str]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller sizes, about three minutes")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, about four minutes")
     parser.add_argument(
         "--only",
         default=",".join(SECTIONS),
