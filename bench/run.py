@@ -36,13 +36,24 @@ from common import (
 )
 
 # Cheapest first, so a quick run reports something useful early.
-SECTIONS = ("quota", "history", "pickup", "idle", "webhook", "download", "engine", "ceiling")
+SECTIONS = (
+    "quota",
+    "history",
+    "pickup",
+    "idle",
+    "webhook",
+    "console",
+    "download",
+    "engine",
+    "ceiling",
+)
 MODULES = {
     "quota": "quota_sim",
     "history": "history",
     "pickup": "pickup",
     "idle": "idle",
     "webhook": "webhook_listener",
+    "console": "console",
     "download": "download",
     "engine": "engine",
     "ceiling": "ceiling",

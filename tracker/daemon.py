@@ -532,6 +532,7 @@ async def _start_webhook_listener(
     """
 
     from tracker.domain.addresses import parse_listen_address
+    from tracker.domain.recent_hints import RecentlyAsked
     from tracker.http_listener import start_listener
     from tracker.webhook import webhook_app
 
@@ -539,10 +540,22 @@ async def _start_webhook_listener(
     scrubber.add(secret)
     host, port = parse_listen_address(settings.webhook_addr or "")
 
+    recent = RecentlyAsked(settings.poll_min_interval)
+    loop = asyncio.get_running_loop()
+
     async def bring_forward(request_ids: set[str]) -> set[str]:
-        moved = await asyncio.to_thread(
-            store.bring_forward, request_ids, clock.now(), settings.poll_min_interval
-        )
+        # Ids asked about within the spacing cannot be brought forward again: a flood of
+        # deliveries naming the same batches costs no database work past the first.
+        fresh = recent.claim(request_ids, loop.time())
+        if not fresh:
+            return set()
+        try:
+            moved = await asyncio.to_thread(
+                store.bring_forward, fresh, clock.now(), settings.poll_min_interval
+            )
+        except BaseException:
+            recent.forget(fresh)
+            raise
         if moved:
             daemon.wake()
         return moved

@@ -14,6 +14,7 @@ import structlog
 from aiohttp import web
 
 from tracker.domain.addresses import parse_listen_address
+from tracker.domain.model import DownloadProblem
 from tracker.domain.states import State, parse_state
 from tracker.http_listener import start_listener
 
@@ -67,6 +68,12 @@ class Metrics:
             buckets=DOWNLOAD_SECONDS_BUCKETS,
             registry=self.registry,
         )
+        self._download_problems = prometheus_client.Counter(
+            "tracker_download_problems",
+            "Downloads that did not complete, by what went wrong.",
+            ["problem"],
+            registry=self.registry,
+        )
         self._batches = prometheus_client.Gauge(
             "tracker_batches",
             "Batches in the database, by state (all instances).",
@@ -104,8 +111,11 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        # Publish every state from the first scrape, so a query sees 0 rather than no data.
+        # Publish every state and every download problem from the first scrape, so a query
+        # sees 0 rather than no data.
         self.set_batch_counts({})
+        for problem in DownloadProblem:
+            self._download_problems.labels(problem=problem.value)
 
     def observe_status(self, outcome: str) -> None:
         self._status_calls.labels(outcome=outcome).inc()
@@ -119,6 +129,9 @@ class Metrics:
     def observe_download(self, size: int, seconds: float) -> None:
         self._download_bytes.inc(size)
         self._download_seconds.observe(seconds)
+
+    def observe_download_problem(self, problem: str) -> None:
+        self._download_problems.labels(problem=problem).inc()
 
     def set_batch_counts(self, counts: Mapping[str, int]) -> None:
         """Counts by state; a state missing from `counts` has no batches. Unknown states raise."""

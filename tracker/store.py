@@ -132,6 +132,8 @@ class InstanceReport:
     heartbeat_at: datetime | None
     last_sweep_at: datetime | None
     stopped_at: datetime | None
+    # When its webhook listener last took a delivery with the right secret.
+    last_delivery_at: datetime | None = None
 
 
 def connection_lost(error: sa.exc.DBAPIError) -> bool:
@@ -265,6 +267,7 @@ class Store:
                 c.heartbeat_at,
                 c.last_sweep_at,
                 c.stopped_at,
+                c.last_delivery_at,
             )
             .order_by(c.stopped_at.is_not(None), c.started_at.desc(), c.owner)
             .limit(limit)

@@ -584,6 +584,8 @@ class Sweeper:
                 bound.warning(
                     "download.problem", problem=problem.value, error=str(error), url=redact_url(url)
                 )
+                if self._metrics is not None:
+                    self._metrics.observe_download_problem(problem.value)
                 decision = decide_on_download_problem(
                     batch, problem, str(error), self._policy, self._clock(), self._rng
                 )

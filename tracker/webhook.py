@@ -30,30 +30,25 @@ _log = structlog.get_logger(__name__)
 BringForward = Callable[[set[str]], Awaitable[set[str]]]
 
 
-class _RefusalLog:
-    """Logs refused deliveries at most once per `interval` seconds, with how many there
-    were since the last line: a flood of wrong secrets must not become a flood of log
-    lines (the metric still counts every one)."""
+class _Sampled:
+    """At most one log line per `interval` seconds for a kind of delivery, carrying how
+    many there were since the last line: a flood must not become a flood of log lines
+    (the metric still counts every one)."""
 
     def __init__(self, interval: float) -> None:
         self._interval = interval
         self._last_line: float | None = None
         self._unlogged = 0
 
-    def refused(self, method: str) -> None:
+    def due(self) -> int | None:
+        """None to stay silent, else how many deliveries this line speaks for."""
         self._unlogged += 1
         now = time.monotonic()
         if self._last_line is not None and now - self._last_line < self._interval:
-            return
-        _log.info(
-            "webhook.refused",
-            path=_SHOWN_PATH,
-            method=method,
-            refused=self._unlogged,
-            detail=f"wrong or missing secret; at most one such line per {self._interval:g} s",
-        )
+            return None
         self._last_line = now
-        self._unlogged = 0
+        count, self._unlogged = self._unlogged, 0
+        return count
 
 
 def webhook_app(
@@ -63,20 +58,26 @@ def webhook_app(
     max_body: int,
     on_outcome: Callable[[str], None] | None = None,
     refusal_log_interval: float = 60.0,
+    unmatched_log_interval: float = 1.0,
 ) -> web.Application:
     """An application answering `POST` (and `GET`, query string only) on /webhook/<secret>.
 
     `bring_forward` gets the candidate request_ids and returns those whose check it moved;
     the answer is 200 `{"matched": n}` whatever the body held, 413 above `max_body` bytes,
-    503 when `bring_forward` failed (the sender may retry), 404 for a wrong secret (logged
-    at most once per `refusal_log_interval` seconds, with the count since the last line).
+    503 when `bring_forward` failed (the sender may retry), 404 for a wrong secret.
+
+    Every delivery that moved a check is logged. Refused ones are logged at most once per
+    `refusal_log_interval` seconds and unmatched ones (their preview shows what Deepvue
+    sends) at most once per `unmatched_log_interval`, each line with the count since the
+    last.
     """
     if not secret:
         raise ValueError("the webhook secret must not be empty")
     if max_body < 0:
         raise ValueError("max_body must be >= 0")
     expected = secret.encode("utf-8")
-    refusals = _RefusalLog(refusal_log_interval)
+    refusals = _Sampled(refusal_log_interval)
+    unmatched = _Sampled(unmatched_log_interval)
 
     def outcome(name: str) -> None:
         if on_outcome is not None:
@@ -86,7 +87,16 @@ def webhook_app(
         given = request.match_info.get("secret", "").encode("utf-8", errors="surrogateescape")
         if not hmac.compare_digest(given, expected):
             outcome("refused")
-            refusals.refused(request.method)
+            count = refusals.due()
+            if count is not None:
+                _log.info(
+                    "webhook.refused",
+                    path=_SHOWN_PATH,
+                    method=request.method,
+                    refused=count,
+                    detail="wrong or missing secret; at most one such line per "
+                    f"{refusal_log_interval:g} s",
+                )
             raise web.HTTPNotFound()
         if request.method not in ("POST", "GET"):
             raise web.HTTPMethodNotAllowed(request.method, ["POST", "GET"])
@@ -116,9 +126,13 @@ def webhook_app(
             raise web.HTTPServiceUnavailable() from None
         name = "matched" if moved else "unmatched"
         outcome(name)
+        count = 1 if moved else unmatched.due()
+        if count is None:
+            return web.json_response({"matched": 0})
         _log.info(
             "webhook.delivery",
             outcome=name,
+            deliveries=count,
             path=_SHOWN_PATH,
             method=request.method,
             content_type=content_type,

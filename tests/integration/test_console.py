@@ -23,9 +23,11 @@ from tracker.console.app import CONTENT_SECURITY_POLICY, console_app
 from tracker.console.auth import SESSION_COOKIE
 from tracker.console.queries import PAGE_SIZE, ConsoleQueries
 from tracker.db import create_engine_for
+from tracker.domain.model import Decision
 from tracker.domain.quota import plan_windows
+from tracker.domain.states import State
 from tracker.schema import batches, transitions
-from tracker.store import Store
+from tracker.store import BatchWrite, Store
 
 TOKEN = "console-token-" + "7f3a9c2e1b4d"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -665,6 +667,35 @@ def test_the_overview_shows_states_ages_budget_instances_and_errors(console: Con
     assert all(title.endswith(": 0 calls") for _, title in bars[:-1])
     assert "<h2>Webhook deliveries</h2>" in page
     assert '<meta http-equiv="refresh"' in page
+
+
+def test_webhook_deliveries_show_on_the_overview_and_their_checks_on_the_batch(
+    console: Console,
+) -> None:
+    now = console.store.database_now()
+    console.store.register_instance("host-a:1:x", "host-a", 1, None)
+    console.store.register_instance("host-b:2:y", "host-b", 2, None)
+    console.store.heartbeat("host-a:1:x", None, now - timedelta(seconds=5))
+    console.add("hinted-1", state="processing", next_check_at=now + timedelta(hours=1))
+    assert console.store.bring_forward(["hinted-1"], now, 30) == {"hinted-1"}
+    [claimed] = console.store.claim_due("host-a:1:x", 10, 60, now)
+    ready = Decision(to_state=State.READY, next_check_at=now, checked=True, api_status=200)
+    console.store.apply([BatchWrite(claimed, ready)], now)
+    pages: list[str] = []
+
+    async def scenario(client: Client) -> None:
+        for path in ("/", "/batches/hinted-1"):
+            pages.append(await (await client.get(path, headers=BEARER)).text())
+
+    console.serve(scenario)
+    overview, batch = pages
+    section = overview.split("<h2>Webhook deliveries</h2>", 1)[1].split("</section>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)
+    assert len([row for row in rows if "<td" in row]) == 1  # host-b never heard one
+    assert "host-a" in section and "host-b" not in section
+    timeline = batch.split("<h2>Transitions</h2>", 1)[1]
+    marked = [row for row in re.findall(r"<tr>(.*?)</tr>", timeline, re.S) if "webhook" in row]
+    assert len(marked) == 1 and "ready" in marked[0]
 
 
 def test_the_hourly_chart_reads_a_day_of_the_budgets_own_buckets(console: Console) -> None:

@@ -64,6 +64,7 @@ def test_the_ready_write_keeps_the_lease_of_the_planned_batch(
         rejections=row.rejections,
         download_attempts=row.download_attempts,
         created_at=row.created_at,
+        claimed_at=plan.batch.claimed_at,  # the same lease, still held
     )
     # The row is the planned batch but for the fault and rejection streaks, which the ready
     # write resets (Deepvue answered) and a download problem counts on from the claimed ones.

@@ -106,6 +106,15 @@ def _add_later_columns(engine: sa.Engine) -> None:
     moment = "TIMESTAMP WITH TIME ZONE" if engine.dialect.name == "postgresql" else "DATETIME"
     with engine.begin() as connection:
         connection.execute(sa.text(f"ALTER TABLE tracker_batches ADD COLUMN hinted_at {moment}"))
+        connection.execute(
+            sa.text(f"ALTER TABLE tracker_instances ADD COLUMN last_delivery_at {moment}")
+        )
+        connection.execute(
+            sa.text(
+                "ALTER TABLE tracker_transitions"
+                " ADD COLUMN brought_forward BOOLEAN NOT NULL DEFAULT FALSE"
+            )
+        )
 
 
 def test_a_claim_copes_with_malformed_rows_that_got_in(at_0004: sa.Engine) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from tracker.domain.addresses import parse_listen_address
+from tracker.domain.model import DownloadProblem
 from tracker.domain.states import State
 from tracker.metrics import Metrics, start_metrics_server
 
@@ -308,3 +309,19 @@ def test_webhook_deliveries_are_counted_by_outcome() -> None:
         assert _value(samples, name, outcome="too_large") == 1
 
     _serve(metrics, scrape)
+
+
+def test_download_problems_are_published_at_zero_then_counted() -> None:
+    metrics = Metrics()
+    name = "tracker_download_problems_total"
+    before = _samples(metrics.render()[0].decode())
+    assert {
+        problem.value: _value(before, name, problem=problem.value) for problem in DownloadProblem
+    } == {problem.value: 0 for problem in DownloadProblem}
+    metrics.observe_download_problem("interrupted")
+    metrics.observe_download_problem("interrupted")
+    metrics.observe_download_problem("url_expired")
+    after = _samples(metrics.render()[0].decode())
+    assert _value(after, name, problem="interrupted") == 2
+    assert _value(after, name, problem="url_expired") == 1
+    assert _value(after, name, problem="refused") == 0

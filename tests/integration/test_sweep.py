@@ -10,10 +10,11 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from tests.fake_deepvue import FakeDeepvue, open_clients
+from tests.fake_deepvue import FakeDeepvue, completed, open_clients
 from tracker.budget import MemoryBudget, Throttle
-from tracker.domain.model import PollPolicy
+from tracker.domain.model import DownloadProblem, PollPolicy
 from tracker.domain.quota import Grant, plan_windows
+from tracker.metrics import Metrics
 from tracker.store import Store
 from tracker.sweep import Sweeper
 
@@ -319,3 +320,29 @@ def test_a_write_the_database_refuses_fails_alone_and_its_batch_is_handed_back(
     assert refused.last_error is not None and "out of range" in refused.last_error
     # Looked at again only after a long while: the same write would be refused again.
     assert refused.next_check_at is not None and refused.next_check_at > refused.updated_at
+
+
+def test_a_download_problem_is_counted_by_what_went_wrong(
+    engine: sa.Engine, tmp_path: Path
+) -> None:
+    store = Store(engine)
+    store.enqueue_many(["done-fine", "done-elsewhere"])
+    fake = FakeDeepvue()
+    # A file on a host the downloader may not fetch from: refused, the batch fails.
+    fake.script("done-elsewhere", completed("done-elsewhere", "https://elsewhere.test/x.csv"))
+    metrics = Metrics()
+
+    async def main() -> None:
+        async with _sweeper(engine, fake, tmp_path / "out", concurrency=2, metrics=metrics) as s:
+            await s.sweep()
+
+    asyncio.run(main())
+    assert store.count_by_state() == {"downloaded": 1, "failed": 1}
+    problems = {
+        problem.value: metrics.registry.get_sample_value(
+            "tracker_download_problems_total", {"problem": problem.value}
+        )
+        for problem in DownloadProblem
+    }
+    assert problems == {problem.value: 0 for problem in DownloadProblem} | {"refused": 1}
+    assert metrics.registry.get_sample_value("tracker_download_seconds_count") == 1

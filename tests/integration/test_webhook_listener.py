@@ -52,11 +52,17 @@ class Listener:
     """The app under test, with what it asked of the store and what it counted."""
 
     def __init__(
-        self, store: Store, *, fail: bool = False, refusal_log_interval: float = 60.0
+        self,
+        store: Store,
+        *,
+        fail: bool = False,
+        refusal_log_interval: float = 60.0,
+        unmatched_log_interval: float = 1.0,
     ) -> None:
         self.store = store
         self.fail = fail
         self.refusal_log_interval = refusal_log_interval
+        self.unmatched_log_interval = unmatched_log_interval
         self.asked: list[set[str]] = []
         self.outcomes: list[str] = []
 
@@ -74,6 +80,7 @@ class Listener:
             max_body=MAX_BODY,
             on_outcome=self.outcomes.append,
             refusal_log_interval=self.refusal_log_interval,
+            unmatched_log_interval=self.unmatched_log_interval,
         )
 
     def serve(self, scenario: Scenario) -> None:
@@ -276,6 +283,33 @@ def test_a_flood_of_wrong_secrets_is_not_a_flood_of_log_lines(store: Store) -> N
     # The first at once; the rest told by the next line, with their count.
     assert [entry["refused"] for entry in refused] == [1, 50]
     assert listener.outcomes == ["refused"] * 51
+
+
+def test_unmatched_deliveries_are_sampled_and_matched_ones_all_logged(store: Store) -> None:
+    """Unmatched ones show the payload's shape; a flood of them is a line a second."""
+    listener = Listener(store, unmatched_log_interval=0.5)
+
+    async def scenario(client: TestClient[Any, Any]) -> None:
+        for n in range(20):
+            assert (await client.post(PATH, json={"id": f"unknown-{n}"})).status == 200
+        assert (await client.post(PATH, json={"id": A})).status == 200
+        await asyncio.sleep(0.6)
+        assert (await client.post(PATH, json={"id": "unknown-last"})).status == 200
+
+    with capture_logs() as logs:
+        listener.serve(scenario)
+    lines = [
+        (entry["outcome"], entry["deliveries"], entry["preview"])
+        for entry in logs
+        if entry["event"] == "webhook.delivery"
+    ]
+    assert [(outcome, count) for outcome, count, _ in lines] == [
+        ("unmatched", 1),
+        ("matched", 1),
+        ("unmatched", 20),
+    ]
+    assert "unknown-0" in lines[0][2] and "unknown-last" in lines[2][2]
+    assert listener.outcomes == ["unmatched"] * 20 + ["matched", "unmatched"]
 
 
 def test_an_empty_secret_is_refused() -> None:
