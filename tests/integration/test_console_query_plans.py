@@ -16,7 +16,8 @@ import sqlalchemy as sa
 from alembic import command
 
 from tracker.db import _alembic_config, create_engine_for, upgrade_database
-from tracker.store import batch_page_query
+from tracker.schema import batches
+from tracker.store import Store, batch_page_query
 
 
 def _plan(engine: sa.Engine, query: sa.Select[object], explain: str) -> str:
@@ -280,3 +281,49 @@ def test_postgresql_before_0008_reads_the_table_for_a_rare_label_or_prefix(pg_ur
     for name in ("rare label", "rare prefix"):
         assert "ix_tracker_batches" not in plans[name], plans[name]
         assert "Seq Scan" in plans[name] or "Filter" in plans[name], plans[name]
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        {"label": RETIRED_LABEL},
+        {"label": COMMON_LABEL},
+        {"label": RARE_LABEL},
+        {"state": RARE_STATE, "label": "label-0"},
+        {"state": "downloaded", "label": COMMON_LABEL, "request_id_prefix": "a"},
+    ],
+    ids=repr,
+)
+def test_a_labels_pages_hold_each_of_its_rows_once_newest_first(
+    database_url: str, filters: dict[str, str]
+) -> None:
+    """PostgreSQL's statement for a label (its ids first) pages like the plain one."""
+    engine = _filled(database_url, "head")
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(
+                sa.select(batches.c.id, batches.c.state, batches.c.label, batches.c.request_id)
+            ).all()
+        expected = sorted(
+            (
+                row.id
+                for row in rows
+                if row.label == filters["label"]
+                and filters.get("state", row.state) == row.state
+                and row.request_id.startswith(filters.get("request_id_prefix", ""))
+            ),
+            reverse=True,
+        )
+        store = Store(engine)
+        shown: list[int] = []
+        before_id: int | None = None
+        while True:
+            page = store.batch_page(limit=200, before_id=before_id, **filters)  # type: ignore[arg-type]
+            shown += [row.id for row in page]
+            if len(page) < 200:
+                break
+            before_id = page[-1].id
+    finally:
+        engine.dispose()
+    assert expected, "the filter matches rows"
+    assert shown == expected
