@@ -10,7 +10,7 @@ from sqlalchemy import event
 
 # The newest migration. Checked against the scripts by a test; lets a daemon whose schema
 # is current skip importing Alembic at all (a large share of an idle daemon's memory).
-SCHEMA_HEAD = "0007"
+SCHEMA_HEAD = "0008"
 
 # Any constant works; it only has to be the same for every instance of the tracker.
 _MIGRATION_LOCK_KEY = 0x7472_6163_6B72  # "trackr"

@@ -908,8 +908,10 @@ def batch_page_query(
 
     Keyset pagination: each page starts where the last one ended, through the primary key
     (or the state index, whose SQLite entries end with the id), so a page deep in a table
-    of millions of rows costs what the first one does. The label and the prefix have no
-    index of their own: a filter that matches few of many rows reads the table.
+    of millions of rows costs what the first one does. A label's page walks (label, id),
+    a state and a label together (state, label, id); a prefix narrows the unique index
+    (SQLite's GLOB) or a text_pattern_ops index (PostgreSQL's LIKE) to its range, and sorts
+    the matches (migration 0008).
     """
     c = batches.c
     query = sa.select(batches).order_by(c.id.desc()).limit(limit)
@@ -921,6 +923,15 @@ def batch_page_query(
         query = query.where(c.label == label)
     if request_id_prefix:
         query = query.where(_starts_with(c.request_id, request_id_prefix, dialect))
+    if label is not None and dialect == "postgresql":
+        # PostgreSQL takes a label's rows as spread over the ids: for a common label it
+        # walks the primary key and filters, which passes every newer row first when that
+        # label's rows are all old (a label no longer used). Taking the page's ids from the
+        # index alone (an index-only scan of (label, id) or (state, label, id)) costs less
+        # in its own estimate than any walk of the table once autovacuum has marked the
+        # pages all-visible, as it does for a table of finished rows; then the rows by id.
+        page_ids = query.with_only_columns(c.id).scalar_subquery()
+        return sa.select(batches).where(c.id.in_(page_ids)).order_by(c.id.desc())
     return query
 
 
