@@ -143,6 +143,14 @@ batches = sa.Table(
     sa.Index("ix_tracker_batches_label_id", "label", "id"),
     # Both filters at once, exactly and in id order, whichever of the two is the rarer.
     sa.Index("ix_tracker_batches_state_label_id", "state", "label", "id"),
+    # The overview's recent errors, newest first, among the rows with an error only (0008).
+    sa.Index(
+        "ix_tracker_batches_recent_errors",
+        "updated_at",
+        "id",
+        sqlite_where=sa.text("last_error IS NOT NULL"),
+        postgresql_where=sa.text("last_error IS NOT NULL"),
+    ),
     # LIKE 'prefix%' uses a btree only under the "C" collation or with the pattern operator
     # class, which the unique index lacks. PostgreSQL only: SQLite's GLOB narrows the unique
     # index itself.

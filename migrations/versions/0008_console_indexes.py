@@ -1,4 +1,5 @@
-"""Indexes for the console's list filters: by label, by state and label, by request_id prefix.
+"""Indexes for the console: its list filters (by label, by state and label, by request_id
+prefix) and its recent errors.
 
 Revision ID: 0008
 Revises: 0007
@@ -7,6 +8,7 @@ Create Date: 2026-12-01
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
@@ -28,6 +30,15 @@ def upgrade() -> None:
     op.create_index(
         "ix_tracker_batches_state_label_id", "tracker_batches", ["state", "label", "id"]
     )
+    # The overview's recent errors, newest first: a partial index holds only the rows with
+    # an error, so reading the latest ten costs the same beside a million clean batches.
+    op.create_index(
+        "ix_tracker_batches_recent_errors",
+        "tracker_batches",
+        ["updated_at", "id"],
+        sqlite_where=sa.text("last_error IS NOT NULL"),
+        postgresql_where=sa.text("last_error IS NOT NULL"),
+    )
     if op.get_bind().dialect.name == "postgresql":
         # LIKE 'prefix%' can use a btree only under the C collation or with the pattern
         # operator class; the unique index on request_id has neither (C.UTF-8 is not "C").
@@ -43,5 +54,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.drop_index("ix_tracker_batches_request_id_pattern", table_name="tracker_batches")
+    op.drop_index("ix_tracker_batches_recent_errors", table_name="tracker_batches")
     op.drop_index("ix_tracker_batches_state_label_id", table_name="tracker_batches")
     op.drop_index("ix_tracker_batches_label_id", table_name="tracker_batches")
