@@ -1,0 +1,151 @@
+"""Fixtures for the browser tests: Debian's chromium driven by Playwright, the real
+`tracker web` as a subprocess over a seeded SQLite database.
+
+One browser for the session, a fresh context (no cookies) and page for each test. The
+browser is Debian's build at an explicit path: Playwright's own download is never run,
+since nothing may be fetched at test time. Without it (or without Playwright) the tests
+skip, except under CI (CI=true), where that is a failure.
+
+Every page is watched: a JavaScript dialog, an uncaught error or a console message about
+a Content-Security-Policy violation fails the test that caused it. When a test fails, a
+screenshot of its page is kept in its tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import pytest
+
+from tests.browser.support import Console, Seeded, migrated_sqlite, seed, start_console
+from tests.conftest import IN_CI
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, ConsoleMessage, Dialog, Error, Page
+
+CHROMIUM = os.environ.get("TRACKER_TEST_CHROMIUM", "/usr/bin/chromium")
+VIEWPORT = {"width": 1280, "height": 800}
+
+
+def _unavailable(message: str) -> NoReturn:
+    if IN_CI:
+        pytest.fail(f"{message}; CI must run the browser tests")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[Browser]:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _unavailable("Playwright is not installed (pip install -e '.[test]')")
+    if not os.access(CHROMIUM, os.X_OK):
+        _unavailable(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+    with sync_playwright() as playwright:
+        # --no-sandbox: the tests run as root, where chromium refuses its own sandbox.
+        launched = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=["--no-sandbox"]
+        )
+        yield launched
+        launched.close()
+
+
+@dataclass
+class PageEvents:
+    """What a page did that a console page never should."""
+
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    csp_violations: list[str] = field(default_factory=list)
+
+    def on_dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(f"{dialog.type}: {dialog.message}")
+        dialog.dismiss()
+
+    def on_page_error(self, error: Error) -> None:
+        self.errors.append(str(error))
+
+    def on_console(self, message: ConsoleMessage) -> None:
+        if message.type == "error" and "Content Security Policy" in message.text:
+            self.csp_violations.append(message.text)
+
+    def problems(self) -> list[str]:
+        return [
+            *(f"dialog {d}" for d in self.dialogs),
+            *(f"page error {e}" for e in self.errors),
+            *(f"CSP violation {v}" for v in self.csp_violations),
+        ]
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test, so the page fixture knows a test failed."""
+    report = yield
+    setattr(item, f"report_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def page_events() -> PageEvents:
+    return PageEvents()
+
+
+@pytest.fixture
+def page(
+    browser: Browser, page_events: PageEvents, request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Page]:
+    context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+    new_page = context.new_page()
+    new_page.set_default_timeout(10_000)
+    new_page.on("dialog", page_events.on_dialog)
+    new_page.on("pageerror", page_events.on_page_error)
+    new_page.on("console", page_events.on_console)
+    yield new_page
+    call_report = getattr(request.node, "report_call", None)
+    if call_report is not None and call_report.failed:
+        shot = tmp_path / "failure.png"
+        new_page.screenshot(path=shot)
+        print(f"screenshot of the failed test's page: {shot}")
+    context.close()
+    assert not page_events.problems(), page_events.problems()
+
+
+@dataclass(frozen=True)
+class SeededConsole:
+    console: Console
+    database_url: str
+    batches: Seeded
+
+
+@pytest.fixture
+def start_seeded_console(tmp_path: Path) -> Iterator[Callable[..., SeededConsole]]:
+    """Start `tracker web` (with the given arguments) over a freshly seeded database."""
+    started: list[Console] = []
+
+    def start(*args: str) -> SeededConsole:
+        database_url = migrated_sqlite(tmp_path / "tracker.db")
+        output_dir = tmp_path / "out"
+        output_dir.mkdir()
+        batches = seed(database_url, output_dir)
+        console = start_console(database_url, tmp_path / "console.log", *args)
+        started.append(console)
+        return SeededConsole(console, database_url, batches)
+
+    yield start
+    for console in started:
+        console.stop()
+
+
+@pytest.fixture
+def console(start_seeded_console: Callable[..., SeededConsole]) -> SeededConsole:
+    """The read-only console, as `tracker web` starts by default."""
+    return start_seeded_console()
+
+
+@pytest.fixture
+def console_with_actions(start_seeded_console: Callable[..., SeededConsole]) -> SeededConsole:
+    return start_seeded_console("--allow-actions")
