@@ -2,9 +2,9 @@
 `tracker web` as a subprocess over a seeded SQLite database.
 
 One browser for the session, a fresh context (no cookies) and page for each test. The
-browser is Debian's build at an explicit path: Playwright's own download is never run,
-since nothing may be fetched at test time. Without it (or without Playwright) the tests
-skip, except under CI (CI=true), where that is a failure.
+browser is Debian's build at an explicit path (TRACKER_TEST_CHROMIUM overrides it):
+Playwright's own browser download is never run, since nothing may be fetched at test time.
+Without chromium the tests skip, except under CI (CI=true), where that is a failure.
 
 Every page is watched: a JavaScript dialog, an uncaught error or a console message about
 a Content-Security-Policy violation fails the test that caused it. When a test fails, a
@@ -17,34 +17,25 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any
 
 import pytest
+from playwright.sync_api import Browser, ConsoleMessage, Dialog, Error, Page, sync_playwright
 
 from tests.browser.support import Console, Seeded, migrated_sqlite, seed, start_console
 from tests.conftest import IN_CI
-
-if TYPE_CHECKING:
-    from playwright.sync_api import Browser, ConsoleMessage, Dialog, Error, Page
 
 CHROMIUM = os.environ.get("TRACKER_TEST_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 800}
 
 
-def _unavailable(message: str) -> NoReturn:
-    if IN_CI:
-        pytest.fail(f"{message}; CI must run the browser tests")
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def browser() -> Iterator[Browser]:
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        _unavailable("Playwright is not installed (pip install -e '.[test]')")
     if not os.access(CHROMIUM, os.X_OK):
-        _unavailable(f"no chromium at {CHROMIUM} (apt-get install chromium)")
+        message = f"no chromium at {CHROMIUM} (apt-get install chromium)"
+        if IN_CI:
+            pytest.fail(f"{message}; CI must run the browser tests")
+        pytest.skip(message)
     with sync_playwright() as playwright:
         # --no-sandbox: the tests run as root, where chromium refuses its own sandbox.
         launched = playwright.chromium.launch(

@@ -6,15 +6,11 @@ a dialog is caught. Without these, a passing console test could mean a blind che
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import pytest
+from playwright.sync_api import Page, Route
 
 from tests.browser.conftest import VIEWPORT, PageEvents
 from tests.browser.png import decode_png
-
-if TYPE_CHECKING:
-    from playwright.sync_api import Page, Route
 
 pytestmark = pytest.mark.browser
 
