@@ -128,7 +128,7 @@ def start_seeded_console(tmp_path: Path) -> Iterator[Callable[..., SeededConsole
 
     yield start
     for console in started:
-        console.stop()
+        assert console.stop() == 0, console.log_path.read_text()
 
 
 @pytest.fixture

@@ -227,7 +227,8 @@ def test_every_page_renders_under_its_content_security_policy(
     page.on("response", answers.append)
 
     page.goto(f"{url}{LOGIN_PATH}")
-    check_screenshot(page, tmp_path / "login.png", page.locator("input[name=token]"))
+    expect(page.locator("input[name=token]")).to_be_visible()
+    check_screenshot(page, tmp_path / "login.png", page.get_by_role("heading", level=1))
     log_in(page, console)
     expect(heading(page, "Overview")).to_be_visible()
     check_screenshot(page, tmp_path / "overview.png", heading(page, "Overview"))
