@@ -224,7 +224,7 @@ def test_every_page_renders_under_its_content_security_policy(
     seeded = console.batches
     url = console.console.url
     answers: list[Response] = []
-    page.on("response", answers.append)
+    page.on("response", lambda answer: answers.append(answer))
 
     page.goto(f"{url}{LOGIN_PATH}")
     expect(page.locator("input[name=token]")).to_be_visible()
