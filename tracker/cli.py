@@ -145,6 +145,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_FAILURE if report.auth_failed else EXIT_OK
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from tracker.console.serve import serve_console
+
+    settings = _settings(args)
+    token = settings.read_console_token()
+    scrubber = _logging(settings)
+    # The last line of defence: were the token ever to reach a log value, it goes.
+    scrubber.add(token)
+    if _signalled_before_start:
+        return EXIT_OK
+    asyncio.run(serve_console(settings, token=token, allow_actions=args.allow_actions))
+    return EXIT_OK
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from tracker.health import health_problem
 
@@ -451,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     configure_prune_parser(commands)
     configure_submit_parser(commands)
     configure_webhook_url_parser(commands)
+    configure_web_parser(commands)
     configure_fake_api_parser(commands)
     configure_demo_parser(commands)
     return parser
@@ -640,6 +657,38 @@ def configure_webhook_url_parser(commands: Commands) -> None:
     )
 
 
+WEB_SETTINGS = """\
+settings (environment, or the TOML file without the prefix):
+  TRACKER_CONSOLE_ADDR=127.0.0.1:8465  where the console listens (HOST:PORT); keep it on
+                                       loopback and put an HTTPS proxy in front to share it
+  TRACKER_CONSOLE_TOKEN=               the access token, at least 16 characters (required)
+  TRACKER_CONSOLE_TOKEN_FILE=          or a file holding it (default under systemd: the
+                                       credential console_token)
+  TRACKER_DATABASE_URL                 the database the daemon uses
+Browsers log in with the token at /login (a session cookie); scripts send
+"Authorization: Bearer <token>". Without --allow-actions the console only reads, and a
+read-only database role is enough on PostgreSQL.
+"""
+
+
+def configure_web_parser(commands: Commands) -> None:
+    web = _add_command(
+        commands,
+        "web",
+        cmd_web,
+        "serve the operator console (overview, batches, one batch's history) in the "
+        "foreground; SIGTERM stops it (exit 0)",
+    )
+    web.formatter_class = argparse.RawDescriptionHelpFormatter
+    web.epilog = WEB_SETTINGS
+    web.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="show Retry and Cancel on a batch's page and accept them (recorded as "
+        "transitions, like `tracker retry` and `tracker cancel`); read-only otherwise",
+    )
+
+
 def configure_fake_api_parser(commands: Commands) -> None:
     fake = _add_command(
         commands, "fake-api", cmd_fake_api, "serve the bundled Deepvue simulator on loopback"
@@ -775,7 +824,7 @@ def _state_arg(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.handler is cmd_run:
+    if args.handler in (cmd_run, cmd_web):
         # Before anything heavy is imported (the next line already is).
         _exit_0_on_signals_until_the_daemon_starts()
     from sqlalchemy.exc import OperationalError

@@ -2,7 +2,7 @@
 
 `tracker run` (tracker.daemon.run_service) and `tracker sweep` open them all with
 `open_services`; `tracker submit` only the store and the API client (`open_api`);
-`tracker status` and `tracker watch` only the read-only parts (`read_only_services`: no
+`tracker status`, `tracker watch` and `tracker web` only the read-only parts (`read_only_services`: no
 credentials, no HTTP client).
 """
 
@@ -58,6 +58,10 @@ class ReadOnlyServices:
 
     store: Store
     budget: DatabaseBudget
+
+    def dispose(self) -> None:
+        """Close the database connections (a long-running reader such as `tracker web`)."""
+        self.store.engine.dispose()
 
 
 def make_store(settings: Settings, engine: sa.Engine) -> Store:

@@ -26,6 +26,13 @@ CREDENTIAL_NAME = "client_secret"
 WEBHOOK_CREDENTIAL_NAME = "webhook_secret"
 # A webhook secret is the only thing guarding the listener: shorter is guessable.
 MIN_WEBHOOK_SECRET_LENGTH = 16
+# The systemd credential holding the console's access token.
+CONSOLE_CREDENTIAL_NAME = "console_token"
+# The console token is all that stands between the network and the batches: shorter is
+# guessable.
+MIN_CONSOLE_TOKEN_LENGTH = 16
+# Loopback: the console is reached through an SSH tunnel or a reverse proxy, never directly.
+DEFAULT_CONSOLE_ADDR = "127.0.0.1:8465"
 # With webhooks on, the share of batches the schedule expects their webhook to find
 # (PollPolicy.webhook_share; docs/polling.md, "With webhooks on").
 WEBHOOK_SHARE = 0.9
@@ -131,6 +138,20 @@ def _check_webhook_secret(secret: str) -> None:
         raise ValueError("must be printable, without spaces, '/', '?', '#' or '%'")
 
 
+def _console_token(text: str) -> str:
+    token = text.strip()
+    _check_console_token(token)
+    return token
+
+
+def _check_console_token(token: str) -> None:
+    if len(token) < MIN_CONSOLE_TOKEN_LENGTH:
+        raise ValueError(f"must be at least {MIN_CONSOLE_TOKEN_LENGTH} characters")
+    # It travels in an Authorization header and a form field: printable ASCII, one word.
+    if not token.isascii() or any(not char.isprintable() or char.isspace() for char in token):
+        raise ValueError("must be printable ASCII without spaces")
+
+
 def _database_url(text: str) -> str:
     url = text.strip()
     if not url.startswith(("sqlite:", "postgresql")):
@@ -218,6 +239,9 @@ class Settings:
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_secret_file: Path | None = None
     webhook_public_url: str | None = None
+    console_addr: str = DEFAULT_CONSOLE_ADDR
+    console_token: str | None = field(default=None, repr=False)
+    console_token_file: Path | None = None
 
     @property
     def webhooks_on(self) -> bool:
@@ -255,6 +279,29 @@ class Settings:
         if self.webhook_secret:
             return self.webhook_secret
         raise SettingsError("TRACKER_WEBHOOK_SECRET or TRACKER_WEBHOOK_SECRET_FILE must be set")
+
+    def read_console_token(self) -> str:
+        """The console's access token: from its file or as given; `tracker web` needs one."""
+        if self.console_token_file is not None:
+            try:
+                token = self.console_token_file.read_text(encoding="utf-8").strip()
+            except OSError as error:
+                raise SettingsError(
+                    f"TRACKER_CONSOLE_TOKEN_FILE: cannot read {self.console_token_file}: "
+                    f"{error.strerror}"
+                ) from None
+            try:
+                _check_console_token(token)
+            except ValueError as error:
+                raise SettingsError(
+                    f"TRACKER_CONSOLE_TOKEN_FILE: the token in {self.console_token_file} {error}"
+                ) from None
+            return token
+        if self.console_token:
+            return self.console_token
+        raise SettingsError(
+            "TRACKER_CONSOLE_TOKEN or TRACKER_CONSOLE_TOKEN_FILE must be set for the console"
+        )
 
     def read_client_secret(self) -> str:
         """The secret as of now: a secret file is re-read at every call, so it can be rotated."""
@@ -328,6 +375,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "webhook_secret": _webhook_secret,
     "webhook_secret_file": lambda text: Path(text.strip()),
     "webhook_public_url": _public_url,
+    "console_addr": _listen_address,
+    "console_token": _console_token,
+    "console_token_file": lambda text: Path(text.strip()),
 }
 assert set(_PARSERS) == {f.name for f in fields(Settings)}
 
@@ -374,7 +424,7 @@ def load_settings(
             parsed[name] = _PARSERS[name](text)
         except ValueError as error:
             reason = str(error) if "invalid literal" not in str(error) else "not a number"
-            shown = "***" if "secret" in name else repr(text)
+            shown = "***" if "secret" in name or name == "console_token" else repr(text)
             raise SettingsError(f"{ENV_PREFIX}{name.upper()}={shown}: {reason}") from None
 
     # Under systemd, LoadCredential=client_secret:... puts the secret in this directory.
@@ -387,6 +437,11 @@ def load_settings(
         candidate = Path(credentials) / WEBHOOK_CREDENTIAL_NAME
         if candidate.is_file():
             parsed["webhook_secret_file"] = candidate
+
+    if credentials and "console_token" not in parsed and "console_token_file" not in parsed:
+        candidate = Path(credentials) / CONSOLE_CREDENTIAL_NAME
+        if candidate.is_file():
+            parsed["console_token_file"] = candidate
 
     # A plan fills in the three rates unless they are given one by one.
     plan = parsed.get("plan", Settings.plan)

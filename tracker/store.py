@@ -113,6 +113,19 @@ class InstanceRow:
     heartbeat_at: datetime | None
 
 
+@dataclass(frozen=True)
+class InstanceReport:
+    """One daemon as the console shows it: who, where, since when, last heard from."""
+
+    owner: str
+    host: str
+    pid: int
+    started_at: datetime
+    heartbeat_at: datetime | None
+    last_sweep_at: datetime | None
+    stopped_at: datetime | None
+
+
 def connection_lost(error: sa.exc.DBAPIError) -> bool:
     """The connection failed (the server went away, a lock wait timed out), as opposed to
     the database refusing one statement's values: the whole transaction is worth retrying."""
@@ -196,6 +209,67 @@ class Store:
             query = query.limit(limit)
         with self.engine.begin() as connection:
             return [BatchRow(**row._mapping) for row in connection.execute(query)]
+
+    def batch_page(
+        self,
+        *,
+        limit: int,
+        before_id: int | None = None,
+        state: str | None = None,
+        label: str | None = None,
+        request_id_prefix: str | None = None,
+    ) -> list[BatchRow]:
+        """Up to `limit` batches, newest (highest id) first, below `before_id` if given.
+
+        Keyset pagination: each page starts where the last one ended, through the primary
+        key (or the state index, whose SQLite entries end with the id), so a page deep in a
+        table of millions of rows costs what the first one does.
+        """
+        c = batches.c
+        query = sa.select(batches).order_by(c.id.desc()).limit(limit)
+        if before_id is not None:
+            query = query.where(c.id < before_id)
+        if state is not None:
+            query = query.where(c.state == state)
+        if label is not None:
+            query = query.where(c.label == label)
+        if request_id_prefix:
+            query = query.where(_starts_with(c.request_id, request_id_prefix, self._dialect))
+        with self.engine.begin() as connection:
+            return [BatchRow(**row._mapping) for row in connection.execute(query)]
+
+    def count_unfinished_created_before(self, cutoffs: Sequence[datetime]) -> list[int]:
+        """For each cutoff, how many unfinished batches were created before it (one scan)."""
+        if not cutoffs:
+            return []
+        c = batches.c
+        query = sa.select(
+            *(
+                sa.func.coalesce(sa.func.sum(sa.case((c.created_at < cutoff, 1), else_=0)), 0)
+                for cutoff in cutoffs
+            )
+        ).where(c.state.in_(_ACTIVE))
+        with self.engine.begin() as connection:
+            return [int(count) for count in connection.execute(query).one()]
+
+    def instance_reports(self, limit: int) -> list[InstanceReport]:
+        """The instances not known to have stopped, then the most recently started others."""
+        c = instances.c
+        query = (
+            sa.select(
+                c.owner,
+                c.host,
+                c.pid,
+                c.started_at,
+                c.heartbeat_at,
+                c.last_sweep_at,
+                c.stopped_at,
+            )
+            .order_by(c.stopped_at.is_not(None), c.started_at.desc(), c.owner)
+            .limit(limit)
+        )
+        with self.engine.begin() as connection:
+            return [InstanceReport(**row._mapping) for row in connection.execute(query)]
 
     def history(self, batch_id: int) -> list[TransitionRow]:
         query = (
@@ -797,6 +871,21 @@ class Store:
         with self.engine.begin() as connection:
             last: datetime | None = connection.execute(query).scalar_one_or_none()
         return last
+
+
+def _starts_with(
+    column: sa.ColumnElement[str], prefix: str, dialect: str
+) -> sa.ColumnElement[bool]:
+    """`column` begins with `prefix`, taken literally (no wildcard), case-sensitively.
+
+    SQLite's LIKE ignores case and cannot use the (binary) unique index; its GLOB can, with
+    the pattern's own wildcards put in brackets. PostgreSQL's LIKE is case-sensitive.
+    """
+    if dialect == "sqlite":
+        literal = "".join(f"[{char}]" if char in "*?[" else char for char in prefix)
+        return column.op("GLOB", is_comparison=True)(literal + "*")
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return column.like(escaped + "%", escape="\\")
 
 
 def _batch_update() -> sa.Update:

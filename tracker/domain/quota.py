@@ -11,7 +11,16 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["PLANS", "Grant", "QuotaLedger", "Usage", "Window", "grantable", "plan_windows"]
+__all__ = [
+    "PLANS",
+    "Grant",
+    "QuotaLedger",
+    "Usage",
+    "Window",
+    "calls_per_hour",
+    "grantable",
+    "plan_windows",
+]
 
 # Deepvue's published plans: (per second, per minute, per day) per API key.
 PLANS: Mapping[str, tuple[int, int, int]] = {
@@ -139,3 +148,22 @@ class QuotaLedger:
             per_window = self.usage.get(window.name, {})
             for bucket in [b for b in per_window if b < first]:
                 del per_window[bucket]
+
+
+def calls_per_hour(
+    window: Window, buckets: Mapping[int, int], now: float, hours: int = 24
+) -> list[tuple[float, int]]:
+    """(hour start, calls counted) for the hour holding `now` and the `hours - 1` before it.
+
+    Read from one window's buckets (the day window keeps a day of them, minute by minute),
+    so the chart needs no bookkeeping of its own. A bucket counts towards the hour it
+    starts in; `window.bucket` divides an hour for the windows the tracker uses.
+    """
+    current = math.floor(now / 3600)
+    first = current - hours + 1
+    totals = dict.fromkeys(range(first, current + 1), 0)
+    for bucket, count in buckets.items():
+        hour = math.floor(bucket * window.bucket / 3600)
+        if hour in totals:
+            totals[hour] += count
+    return [(hour * 3600.0, totals[hour]) for hour in range(first, current + 1)]
