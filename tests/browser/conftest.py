@@ -14,7 +14,8 @@ screenshot of its page is kept in its tmp_path.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,31 +113,33 @@ class SeededConsole:
     batches: Seeded
 
 
-@pytest.fixture
-def start_seeded_console(tmp_path: Path) -> Iterator[Callable[..., SeededConsole]]:
-    """Start `tracker web` (with the given arguments) over a freshly seeded database."""
-    started: list[Console] = []
-
-    def start(*args: str) -> SeededConsole:
-        database_url = migrated_sqlite(tmp_path / "tracker.db")
-        output_dir = tmp_path / "out"
-        output_dir.mkdir()
-        batches = seed(database_url, output_dir)
-        console = start_console(database_url, tmp_path / "console.log", *args)
-        started.append(console)
-        return SeededConsole(console, database_url, batches)
-
-    yield start
-    for console in started:
+@contextmanager
+def seeded_console(directory: Path, *args: str) -> Iterator[SeededConsole]:
+    """`tracker web` (with the given arguments) over a freshly seeded database."""
+    database_url = migrated_sqlite(directory / "tracker.db")
+    output_dir = directory / "out"
+    output_dir.mkdir()
+    batches = seed(database_url, output_dir)
+    console = start_console(database_url, directory / "console.log", *args)
+    try:
+        yield SeededConsole(console, database_url, batches)
+    finally:
         assert console.stop() == 0, console.log_path.read_text()
 
 
-@pytest.fixture
-def console(start_seeded_console: Callable[..., SeededConsole]) -> SeededConsole:
-    """The read-only console, as `tracker web` starts by default."""
-    return start_seeded_console()
+@pytest.fixture(scope="module")
+def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededConsole]:
+    """The read-only console, as `tracker web` starts by default.
+
+    Shared by a module's tests, which only read: each still gets a browser context of
+    its own, so no session carries over. Starting `tracker web` is most of a test's time.
+    """
+    with seeded_console(tmp_path_factory.mktemp("console")) as started:
+        yield started
 
 
 @pytest.fixture
-def console_with_actions(start_seeded_console: Callable[..., SeededConsole]) -> SeededConsole:
-    return start_seeded_console("--allow-actions")
+def console_with_actions(tmp_path: Path) -> Iterator[SeededConsole]:
+    """A console of the test's own with --allow-actions: its test writes to the database."""
+    with seeded_console(tmp_path, "--allow-actions") as started:
+        yield started

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import sqlalchemy as sa
 
-from tests.e2e.support import TRACKER, execute, plain_env, wait_until
+from tests.e2e.support import TRACKER, plain_env, wait_until
 from tracker.db import create_engine_for, upgrade_database
 
 TOKEN = "browser-test-console-token-0123456789"
@@ -129,6 +130,21 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
     s = SEEDED
     file_path = output_dir / f"{s.downloaded}.csv"
     file_path.write_text("KYC data the console must never show\n")
+    engine = create_engine_for(database_url)
+    try:
+        with engine.begin() as connection:
+            _seed_rows(connection, file_path)
+    finally:
+        engine.dispose()
+    return s
+
+
+def _seed_rows(connection: sa.Connection, file_path: Path) -> None:
+    s = SEEDED
+
+    def execute(sql: str, **params: object) -> None:
+        connection.execute(sa.text(sql), params)
+
     batches = [
         (s.downloaded, "payroll", "downloaded"),
         (s.failed, "payroll", "failed"),
@@ -138,20 +154,17 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
     ]
     for request_id, label, state in batches:
         execute(
-            database_url,
             "INSERT INTO tracker_batches (request_id, label) VALUES (:rid, :label)",
             rid=request_id,
             label=label,
         )
         if state != "pending":
             execute(
-                database_url,
                 "UPDATE tracker_batches SET state = :state WHERE request_id = :rid",
                 state=state,
                 rid=request_id,
             )
     execute(
-        database_url,
         "UPDATE tracker_batches SET checks = 3, api_status = 200, api_message = 'completed',"
         " file_path = :path, file_size = :size, file_sha256 = :sha, finished_at = CURRENT_TIMESTAMP"
         " WHERE request_id = :rid",
@@ -161,7 +174,6 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
         rid=s.downloaded,
     )
     execute(
-        database_url,
         "UPDATE tracker_batches SET checks = 2, api_status = 200, api_message = 'failed',"
         " last_error = 'Deepvue reported the batch failed', finished_at = CURRENT_TIMESTAMP"
         " WHERE request_id = :rid",
@@ -182,7 +194,6 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
     for request_id, chain in chains.items():
         for from_state, to_state, message, detail in chain:
             execute(
-                database_url,
                 "INSERT INTO tracker_transitions"
                 " (batch_id, request_id, from_state, to_state, api_status, api_message, detail)"
                 " SELECT id, request_id, :from_state, :to_state, 200, :message, :detail"
@@ -193,4 +204,3 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
                 detail=detail,
                 rid=request_id,
             )
-    return s
