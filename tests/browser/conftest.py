@@ -14,8 +14,8 @@ screenshot of its page is kept in its tmp_path.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,7 @@ class SeededConsole:
 @contextmanager
 def seeded_console(directory: Path, *args: str) -> Iterator[SeededConsole]:
     """`tracker web` (with the given arguments) over a freshly seeded database."""
+    directory.mkdir(exist_ok=True)
     database_url = migrated_sqlite(directory / "tracker.db")
     output_dir = directory / "out"
     output_dir.mkdir()
@@ -139,7 +140,12 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededConsole]
 
 
 @pytest.fixture
-def console_with_actions(tmp_path: Path) -> Iterator[SeededConsole]:
-    """A console of the test's own with --allow-actions: its test writes to the database."""
-    with seeded_console(tmp_path, "--allow-actions") as started:
-        yield started
+def own_console(tmp_path: Path) -> Iterator[Callable[..., SeededConsole]]:
+    """Start a console of the test's own (with the given arguments), for a test that
+    writes to its database."""
+    with ExitStack() as stack:
+
+        def start(*args: str) -> SeededConsole:
+            return stack.enter_context(seeded_console(tmp_path / "own", *args))
+
+        yield start

@@ -8,6 +8,7 @@ secret or file content reaches the page, and each page renders (its screenshot i
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,9 +23,11 @@ from tests.browser.support import (
     SCRIPT_LABEL,
     TOKEN,
 )
-from tests.e2e.support import query
+from tests.e2e.support import execute, query
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+# The overview refreshes itself every 10 s (tracker/console/pages.py); a margin for a busy CI.
+REFRESH_WAIT_MS = 20_000
 
 
 def heading(page: Page, text: str) -> Locator:
@@ -78,6 +81,40 @@ def test_logging_in_through_the_form_opens_the_overview(page: Page, console: See
         assert TOKEN not in cookie["value"], "the session cookie carries the token itself"
         assert cookie["httpOnly"], cookie["name"]
         assert cookie["sameSite"] == "Strict", cookie["name"]
+
+
+def test_logging_out_ends_the_session(page: Page, console: SeededConsole) -> None:
+    logged_in(page, console)
+
+    page.get_by_role("button", name="Log out", exact=True).click()
+
+    expect(page.locator("input[name=token]")).to_be_visible()
+    page.goto(f"{console.console.url}/batches")
+    assert page.url.startswith(f"{console.console.url}{LOGIN_PATH}"), page.url
+
+
+def test_the_overview_refreshes_by_itself(
+    page: Page, own_console: Callable[..., SeededConsole]
+) -> None:
+    console = own_console()
+    logged_in(page, console)
+    late_error = "appeared after the page was loaded"
+    assert late_error not in page.locator("body").inner_text()
+
+    execute(
+        console.database_url,
+        "INSERT INTO tracker_batches (request_id, label) VALUES ('late-0006', 'payroll')",
+    )
+    execute(
+        console.database_url,
+        "UPDATE tracker_batches SET state = 'failed', last_error = :error,"
+        " finished_at = CURRENT_TIMESTAMP WHERE request_id = 'late-0006'",
+        error=late_error,
+    )
+
+    # No reload from here: the page must fetch the new row itself (within its period).
+    expect(page.get_by_text(late_error)).to_be_visible(timeout=REFRESH_WAIT_MS)
+    expect(heading(page, "Overview")).to_be_visible()
 
 
 def test_a_wrong_token_shows_an_error_and_opens_no_session(
@@ -148,9 +185,9 @@ def test_a_batch_opened_from_the_list_shows_its_row_timeline_and_file_but_no_sec
 
 
 def test_retry_with_actions_allowed_is_recorded_as_a_transition(
-    page: Page, console_with_actions: SeededConsole
+    page: Page, own_console: Callable[..., SeededConsole]
 ) -> None:
-    console = console_with_actions
+    console = own_console("--allow-actions")
     failed = console.batches.failed
     logged_in(page, console)
     page.goto(f"{console.console.url}/batches/{failed}")
