@@ -35,6 +35,7 @@ COMMANDS = [
     "prune",
     "submit",
     "webhook-url",
+    "web",
     "add",
     "list",
     "show",

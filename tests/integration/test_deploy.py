@@ -21,15 +21,24 @@ from pathlib import Path
 
 import pytest
 
-from tracker.settings import CREDENTIAL_NAME, ENV_PREFIX, Settings, load_settings
+from tracker.domain.addresses import parse_listen_address
+from tracker.settings import (
+    CONSOLE_CREDENTIAL_NAME,
+    CREDENTIAL_NAME,
+    ENV_PREFIX,
+    Settings,
+    load_settings,
+)
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 UNIT = DEPLOY / "tracker.service"
+CONSOLE_UNIT = DEPLOY / "tracker-console.service"
 SYSUSERS = DEPLOY / "sysusers.d" / "tracker.conf"
 TMPFILES = DEPLOY / "tmpfiles.d" / "tracker.conf"
 ENV_EXAMPLE = DEPLOY / "tracker.env.example"
 
 INSTALLED_EXEC_START = "ExecStart=/opt/deepvue-tracker/bin/tracker run"
+CONSOLE_EXEC_START = "ExecStart=/opt/deepvue-tracker/bin/tracker web"
 MAX_EXPOSURE = 2.0
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 # Plain output whatever the terminal: no colours, no pager.
@@ -71,7 +80,9 @@ def _service_settings(unit_text: str) -> dict[str, list[str]]:
     return settings
 
 
-def _runnable_copy(directory: Path) -> Path:
+def _runnable_copy(
+    directory: Path, unit: Path = UNIT, exec_start: str = INSTALLED_EXEC_START
+) -> Path:
     """The unit with ExecStart pointing at this venv's `tracker`, everything else untouched.
 
     verify checks that ExecStart's binary exists and is executable, and on a test machine
@@ -83,11 +94,12 @@ def _runnable_copy(directory: Path) -> Path:
     """
     tracker = Path(sys.executable).parent / "tracker"
     assert tracker.is_file(), f"the tracker console script is not installed at {tracker}"
-    original = UNIT.read_text(encoding="utf-8")
-    assert original.count(INSTALLED_EXEC_START) == 1
-    copy = directory / UNIT.name
+    original = unit.read_text(encoding="utf-8")
+    assert original.count(exec_start) == 1
+    command = exec_start.rsplit(" ", 1)[1]
+    copy = directory / unit.name
     copy.write_text(
-        original.replace(INSTALLED_EXEC_START, f"ExecStart={tracker} run"), encoding="utf-8"
+        original.replace(exec_start, f"ExecStart={tracker} {command}"), encoding="utf-8"
     )
     return copy
 
@@ -131,8 +143,9 @@ def test_verify_check_catches_a_misspelt_directive(tmp_path: Path) -> None:
     assert any("ProtectHomes" in line for line in problems), problems
 
 
-def test_unit_exposure_is_at_most_two() -> None:
-    result = _run(_tool("systemd-analyze"), "security", "--offline=yes", str(UNIT))
+@pytest.mark.parametrize("unit", [UNIT, CONSOLE_UNIT], ids=lambda unit: unit.name)
+def test_unit_exposure_is_at_most_two(unit: Path) -> None:
+    result = _run(_tool("systemd-analyze"), "security", "--offline=yes", str(unit))
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
@@ -164,6 +177,51 @@ def test_unit_agrees_with_the_daemon() -> None:
     # Where the output goes must be writable in the sandbox.
     environment = dict(value.split("=", 1) for value in service["Environment"])
     assert environment["TRACKER_OUTPUT_DIR"] in service["ReadWritePaths"][0].split()
+
+
+def test_console_unit_verifies_without_errors_or_warnings(tmp_path: Path) -> None:
+    copy = _runnable_copy(tmp_path, CONSOLE_UNIT, CONSOLE_EXEC_START)
+    assert _verify_problems(copy) == []
+
+
+# What the console unit may set differently from the daemon's: how it starts and stops, and
+# the output directory it has no business reading.
+_CONSOLE_OWN = {
+    "Type",
+    "ExecStart",
+    "TimeoutStartSec",
+    "WatchdogSec",
+    "TimeoutStopSec",
+    "Environment",
+    "LoadCredential",
+    "ReadWritePaths",
+    "InaccessiblePaths",
+}
+
+
+def test_console_unit_agrees_with_the_console_and_is_sandboxed_like_the_daemon() -> None:
+    console = _service_settings(CONSOLE_UNIT.read_text(encoding="utf-8"))
+    daemon = _service_settings(UNIT.read_text(encoding="utf-8"))
+    assert console["ExecStart"] == [CONSOLE_EXEC_START.partition("=")[2]]
+    assert console["User"] == daemon["User"] and console["Group"] == daemon["Group"]
+    credentials = [value.partition(":")[0] for value in console["LoadCredential"]]
+    assert credentials == [CONSOLE_CREDENTIAL_NAME]
+
+    known = {ENV_PREFIX + field.name.upper() for field in fields(Settings)}
+    environment = dict(value.split("=", 1) for value in console["Environment"])
+    assert set(environment) <= known, set(environment) - known
+    host, _port = parse_listen_address(environment["TRACKER_CONSOLE_ADDR"])
+    assert host == "127.0.0.1", "loopback by default"
+    daemon_environment = dict(value.split("=", 1) for value in daemon["Environment"])
+    assert environment["TRACKER_DATABASE_URL"] == daemon_environment["TRACKER_DATABASE_URL"]
+
+    # Every hardening directive of the daemon holds for the console too, unweakened.
+    for key, values in daemon.items():
+        if key not in _CONSOLE_OWN:
+            assert console.get(key) == values, key
+    assert "ReadWritePaths" not in console
+    assert daemon_environment["TRACKER_OUTPUT_DIR"] in console["InaccessiblePaths"][0]
+    assert "--allow-actions" not in console["ExecStart"][0], "read-only unless an operator asks"
 
 
 def _scratch_root_with_user(root: Path) -> tuple[int, int]:

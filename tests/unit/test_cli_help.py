@@ -24,3 +24,17 @@ def test_run_help_lists_the_recovery_settings_with_their_defaults(
         # The value shown, read as the setting would read it, is the setting's default.
         parsed = load_settings({f"TRACKER_{name}": value}) if value else defaults
         assert getattr(parsed, name.lower()) == getattr(defaults, name.lower()), name
+
+
+def test_web_help_names_the_console_settings_with_their_true_defaults(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["web", "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    assert "--allow-actions" in text
+    shown = dict(re.findall(r"^\s+TRACKER_(CONSOLE_[A-Z_]+)=(\S*)", text, re.M))
+    assert set(shown) == {"CONSOLE_ADDR", "CONSOLE_TOKEN", "CONSOLE_TOKEN_FILE"}
+    assert shown["CONSOLE_ADDR"] == Settings().console_addr
+    assert shown["CONSOLE_TOKEN"] == "" and shown["CONSOLE_TOKEN_FILE"] == ""

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tracker.domain.quota import PLANS, QuotaLedger, Window, grantable, plan_windows
+from tracker.domain.quota import (
+    PLANS,
+    QuotaLedger,
+    Window,
+    calls_per_hour,
+    grantable,
+    plan_windows,
+)
 
 
 def test_plan_windows() -> None:
@@ -93,3 +100,20 @@ def test_no_sliding_window_ever_holds_more_than_the_limit(
 
 def test_grantable_with_no_usage() -> None:
     assert grantable(plan_windows(3, 30, 300), {}, 0.0, 10) == 3
+
+
+def test_calls_per_hour_sums_a_days_buckets_by_the_hour() -> None:
+    day = plan_windows(1, 30, 1000)[2]
+    now = 100 * 3600 + 1800.0  # half past hour 100
+    ledger = QuotaLedger([day])
+    ledger.reserve(now, 3)  # this hour
+    ledger.reserve(now - 3600, 2)  # the hour before
+    ledger.reserve(now - 23 * 3600 - 1800, 4)  # the first second of the oldest hour shown
+    ledger.reserve(now - 24 * 3600, 5)  # half past hour 76: before the 24 hours shown
+    hourly = calls_per_hour(day, ledger.usage["day"], now)
+    assert len(hourly) == 24
+    assert hourly[0] == (77 * 3600.0, 4)
+    assert hourly[-1] == (100 * 3600.0, 3)
+    assert hourly[-2] == (99 * 3600.0, 2)
+    assert sum(calls for _, calls in hourly) == 9
+    assert [start for start, _ in hourly] == [hour * 3600.0 for hour in range(77, 101)]

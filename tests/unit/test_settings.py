@@ -257,3 +257,61 @@ def test_a_webhook_address_without_a_secret_is_refused_at_start() -> None:
     with pytest.raises(SettingsError, match="TRACKER_WEBHOOK_ADDR needs TRACKER_WEBHOOK_SECRET"):
         settings.require_webhook_secret()
     load_settings({}).require_webhook_secret()  # webhooks off: nothing to check
+
+
+CONSOLE_TOKEN = "console-0123456789abcdef"
+
+
+def test_the_console_listens_on_loopback_and_needs_a_token() -> None:
+    settings = load_settings({})
+    assert settings.console_addr == "127.0.0.1:8465"
+    with pytest.raises(SettingsError, match="TRACKER_CONSOLE_TOKEN or TRACKER_CONSOLE_TOKEN_FILE"):
+        settings.read_console_token()
+    given = load_settings({"TRACKER_CONSOLE_TOKEN": f"  {CONSOLE_TOKEN}\n"})
+    assert given.read_console_token() == CONSOLE_TOKEN
+    assert CONSOLE_TOKEN not in repr(given)
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"TRACKER_CONSOLE_ADDR": "0.0.0.0"}, "TRACKER_CONSOLE_ADDR"),
+        ({"TRACKER_CONSOLE_ADDR": "http://127.0.0.1:8465"}, "TRACKER_CONSOLE_ADDR"),
+        ({"TRACKER_CONSOLE_TOKEN": "short-token"}, "TRACKER_CONSOLE_TOKEN"),
+        ({"TRACKER_CONSOLE_TOKEN": "sixteen chars ab"}, "TRACKER_CONSOLE_TOKEN"),
+        ({"TRACKER_CONSOLE_TOKEN": "sixteen-chârs-ab"}, "TRACKER_CONSOLE_TOKEN"),
+    ],
+)
+def test_bad_console_settings_name_the_setting_and_never_show_the_token(
+    env: dict[str, str], name: str
+) -> None:
+    with pytest.raises(SettingsError) as raised:
+        load_settings(env)
+    message = str(raised.value)
+    assert message.startswith(name)
+    assert "\n" not in message
+    for value in env.values():
+        if "TOKEN" in name:
+            assert value not in message
+
+
+def test_console_token_file_and_systemd_credential(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(CONSOLE_TOKEN + "\n")
+    settings = load_settings({"TRACKER_CONSOLE_TOKEN_FILE": str(token_file)})
+    assert settings.read_console_token() == CONSOLE_TOKEN
+
+    credentials = tmp_path / "credentials"
+    credentials.mkdir()
+    (credentials / "console_token").write_text(CONSOLE_TOKEN)
+    settings = load_settings({"CREDENTIALS_DIRECTORY": str(credentials)})
+    assert settings.console_token_file == credentials / "console_token"
+    assert settings.read_console_token() == CONSOLE_TOKEN
+
+    token_file.write_text("tooshort")
+    with pytest.raises(SettingsError) as raised:
+        load_settings({"TRACKER_CONSOLE_TOKEN_FILE": str(token_file)}).read_console_token()
+    assert "16" in str(raised.value) and "tooshort" not in str(raised.value)
+    missing = load_settings({"TRACKER_CONSOLE_TOKEN_FILE": str(tmp_path / "none")})
+    with pytest.raises(SettingsError, match="cannot read"):
+        missing.read_console_token()

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from tracker.console import pages
 from tracker.console.auth import Authenticator, local_path, wants_login_page
-from tracker.console.context import CONSOLE, IDENTITY, Console, identity_of, render
+from tracker.console.context import CONSOLE, Console, identity_of, render
 from tracker.console.csrf import FIELD as CSRF_FIELD
 from tracker.console.csrf import CsrfTokens
 from tracker.console.queries import ConsoleQueries
@@ -163,8 +163,7 @@ _ERROR_MESSAGES = {
 async def _authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.path in PUBLIC_PATHS or request.path.startswith(STATIC_PREFIX):
         return await handler(request)
-    identity = request.app[CONSOLE].auth.identify(request)
-    if identity is None:
+    if identity_of(request) is None:
         if wants_login_page(request):
             target = local_path(request.path_qs)
             raise web.HTTPSeeOther("/login" + ("" if target == "/" else "?next=" + quote(target)))
@@ -172,7 +171,6 @@ async def _authenticate(request: web.Request, handler: Handler) -> web.StreamRes
             headers={"WWW-Authenticate": 'Bearer realm="tracker console"'},
             text="401: a bearer token or a console session is required\n",
         )
-    request[IDENTITY] = identity
     return await handler(request)
 
 
