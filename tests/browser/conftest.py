@@ -1,7 +1,7 @@
 """Fixtures for the browser tests: Debian's chromium driven by Playwright, the real
 `tracker web` as a subprocess over a seeded SQLite database.
 
-One browser for the session, a fresh context (no cookies) and page for each test. The
+One browser for the package's tests, a fresh context (no cookies) and page for each test. The
 browser is Debian's build at an explicit path (TRACKER_TEST_CHROMIUM overrides it):
 Playwright's own browser download is never run, since nothing may be fetched at test time.
 Without chromium the tests skip, except under CI (CI=true), where that is a failure.
@@ -30,7 +30,9 @@ CHROMIUM = os.environ.get("TRACKER_TEST_CHROMIUM", "/usr/bin/chromium")
 VIEWPORT = {"width": 1280, "height": 800}
 
 
-@pytest.fixture(scope="session")
+# Package scope, not session: while Playwright's sync API is open its event loop counts as
+# running in this thread, and every later test's asyncio.run() would refuse to start.
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     if not os.access(CHROMIUM, os.X_OK):
         message = f"no chromium at {CHROMIUM} (apt-get install chromium)"
