@@ -219,22 +219,15 @@ class Store:
         label: str | None = None,
         request_id_prefix: str | None = None,
     ) -> list[BatchRow]:
-        """Up to `limit` batches, newest (highest id) first, below `before_id` if given.
-
-        Keyset pagination: each page starts where the last one ended, through the primary
-        key (or the state index, whose SQLite entries end with the id), so a page deep in a
-        table of millions of rows costs what the first one does.
-        """
-        c = batches.c
-        query = sa.select(batches).order_by(c.id.desc()).limit(limit)
-        if before_id is not None:
-            query = query.where(c.id < before_id)
-        if state is not None:
-            query = query.where(c.state == state)
-        if label is not None:
-            query = query.where(c.label == label)
-        if request_id_prefix:
-            query = query.where(_starts_with(c.request_id, request_id_prefix, self._dialect))
+        """Up to `limit` batches, newest (highest id) first, below `before_id` if given."""
+        query = batch_page_query(
+            self._dialect,
+            limit=limit,
+            before_id=before_id,
+            state=state,
+            label=label,
+            request_id_prefix=request_id_prefix,
+        )
         with self.engine.begin() as connection:
             return [BatchRow(**row._mapping) for row in connection.execute(query)]
 
@@ -871,6 +864,35 @@ class Store:
         with self.engine.begin() as connection:
             last: datetime | None = connection.execute(query).scalar_one_or_none()
         return last
+
+
+def batch_page_query(
+    dialect: str,
+    *,
+    limit: int,
+    before_id: int | None = None,
+    state: str | None = None,
+    label: str | None = None,
+    request_id_prefix: str | None = None,
+) -> sa.Select[Any]:
+    """The statement behind Store.batch_page (public for its query-plan test and the bench).
+
+    Keyset pagination: each page starts where the last one ended, through the primary key
+    (or the state index, whose SQLite entries end with the id), so a page deep in a table
+    of millions of rows costs what the first one does. The label and the prefix have no
+    index of their own: a filter that matches few of many rows reads the table.
+    """
+    c = batches.c
+    query = sa.select(batches).order_by(c.id.desc()).limit(limit)
+    if before_id is not None:
+        query = query.where(c.id < before_id)
+    if state is not None:
+        query = query.where(c.state == state)
+    if label is not None:
+        query = query.where(c.label == label)
+    if request_id_prefix:
+        query = query.where(_starts_with(c.request_id, request_id_prefix, dialect))
+    return query
 
 
 def _starts_with(

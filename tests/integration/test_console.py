@@ -693,3 +693,23 @@ def test_the_hourly_chart_reads_a_day_of_the_budgets_own_buckets(console: Consol
     # Exactly 5 and 23 hours before the current hour's bucket: 6th from last and first.
     assert counts[-6] == 2
     assert counts[0] == 7
+
+
+def test_an_unreachable_database_is_a_503_page_not_a_traceback(tmp_path: Any) -> None:
+    console = Console(f"sqlite:///{tmp_path}/missing/dir/tracker.db")
+    answers: list[tuple[int, str]] = []
+
+    async def scenario(client: Client) -> None:
+        for path in ("/", "/batches", "/batches/x-1"):
+            response = await client.get(path, headers=BEARER)
+            answers.append((response.status, await response.text()))
+
+    try:
+        console.serve(scenario)
+    finally:
+        console.engine.dispose()
+    for status, page in answers:
+        assert status == 503
+        assert _h1(page) == "Database error"
+        assert "unable to open database file" in page
+        assert "Traceback" not in page

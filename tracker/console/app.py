@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
-from urllib.parse import quote, urlencode
+from urllib.parse import quote
 
 import jinja2
+import sqlalchemy as sa
+import structlog
 from aiohttp import web
 
 from tracker.console import pages
@@ -24,6 +26,7 @@ from tracker.console.csrf import FIELD as CSRF_FIELD
 from tracker.console.csrf import CsrfTokens
 from tracker.console.queries import ConsoleQueries
 from tracker.console.sessions import Sessions
+from tracker.db import describe_db_error
 from tracker.domain.redact import redact
 from tracker.views.text import printable, when_utc
 
@@ -60,7 +63,7 @@ def console_app(
     `allow_actions`."""
     console = Console(
         queries=queries,
-        templates=_templates(),
+        templates=console_templates(),
         auth=Authenticator(token, sessions or Sessions()),
         csrf=csrf or CsrfTokens(),
         allow_actions=allow_actions,
@@ -83,7 +86,9 @@ def console_app(
     return app
 
 
-def _templates() -> jinja2.Environment:
+def console_templates() -> jinja2.Environment:
+    """The page templates with the filters they use, every value autoescaped. They are
+    package data: CI's wheel smoke test compiles them from the installed wheel."""
     environment = jinja2.Environment(
         loader=jinja2.PackageLoader("tracker.console", "templates"),
         autoescape=jinja2.select_autoescape(["html"], default_for_string=True),
@@ -95,7 +100,6 @@ def _templates() -> jinja2.Environment:
     environment.filters["when"] = when_utc
     environment.filters["segment"] = lambda value: quote(str(value), safe="")
     environment.filters["size"] = _size
-    environment.globals["urlencode"] = urlencode
     return environment
 
 
@@ -140,6 +144,23 @@ def _secure(headers: MutableMapping[str, str], path: str) -> None:
 async def _error_pages(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
+    except sa.exc.DBAPIError as error:
+        # Unreachable (503: try again), or refused this statement (a role without the
+        # rights to retry, say): the driver's first line says which, without SQL.
+        reason = describe_db_error(error)
+        structlog.get_logger("tracker.console").error(
+            "console.database_error", path=request.path, error=reason
+        )
+        unreachable = isinstance(error, sa.exc.OperationalError)
+        return render(
+            request,
+            "error.html",
+            status=503 if unreachable else 500,
+            title="Database error",
+            message=f"The database could not be read: {reason}"
+            if unreachable
+            else f"The database refused: {reason}",
+        )
     except web.HTTPException as error:
         if error.status < 400 or error.status == 401:
             raise

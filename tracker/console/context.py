@@ -13,6 +13,7 @@ from tracker.console.csrf import FIELD as CSRF_FIELD
 from tracker.console.csrf import CsrfTokens
 from tracker.console.queries import ConsoleQueries
 
+
 @dataclass(frozen=True)
 class Console:
     queries: ConsoleQueries
