@@ -175,7 +175,7 @@ def test_a_batch_opened_from_the_list_shows_its_row_timeline_and_file_but_no_sec
         rid=seeded.downloaded,
     )[0]
     assert row.file_path in text
-    assert str(row.file_size) in text
+    assert f"{row.file_size} bytes" in text
     assert FILE_SHA256 in text
     assert "file verified" in text, "the timeline's last transition is missing"
     html = page.content()
