@@ -8,6 +8,7 @@ secret or file content reaches the page, and each page renders (its screenshot i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tests.browser.support import (
 from tests.e2e.support import execute, query
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
+PAGE_SIZE = 50  # rows on one page of the list
 # The overview refreshes itself every 10 s (tracker/console/pages.py); a margin for a busy CI.
 REFRESH_WAIT_MS = 20_000
 
@@ -156,6 +158,32 @@ def test_the_list_filters_by_state_label_and_request_id(page: Page, console: See
 
     filter_list(page, console, q="nothing-starts-like-this")
     assert listed(page) == set()
+
+
+def test_the_next_page_keeps_the_filter_and_shows_the_rest(
+    page: Page, own_console: Callable[..., SeededConsole]
+) -> None:
+    console = own_console()
+    bulk = {f"bulk-{n:04d}" for n in range(PAGE_SIZE + 10)}
+    for request_id in sorted(bulk):
+        execute(
+            console.database_url,
+            "INSERT INTO tracker_batches (request_id, label) VALUES (:rid, 'bulk')",
+            rid=request_id,
+        )
+    logged_in(page, console)
+
+    filter_list(page, console, label="bulk")
+    first = listed(page)
+    assert len(first) == PAGE_SIZE
+    page.get_by_role("link", name=re.compile(r"^Next")).click()
+    expect(heading(page, "Batches")).to_be_visible()
+    rest = listed(page)
+
+    assert "label=bulk" in page.url
+    assert first.isdisjoint(rest)
+    assert first | rest == bulk
+    assert page.get_by_role("link", name=re.compile(r"^Next")).count() == 0
 
 
 def test_a_batch_opened_from_the_list_shows_its_row_timeline_and_file_but_no_secret(
