@@ -129,3 +129,14 @@ def test_tracker_web_refuses_to_start_without_a_usable_token(
         env | {"TRACKER_CONSOLE_TOKEN": TOKEN, "TRACKER_CONSOLE_ADDR": "*"}, "web"
     )
     assert exposed.returncode == 2 and "TRACKER_CONSOLE_ADDR" in exposed.stderr
+
+
+def test_tracker_web_stops_on_sigint_too(sqlite_url: str, start_web: object) -> None:
+    migrate(sqlite_url)
+    env = plain_env(sqlite_url, TRACKER_CONSOLE_ADDR="127.0.0.1:0", TRACKER_CONSOLE_TOKEN=TOKEN)
+    web = start_web(env)  # type: ignore[operator]
+    url = web.url()
+    assert httpx.get(url + "/login", timeout=10).status_code == 200
+    web.process.send_signal(signal.SIGINT)
+    assert web.process.wait(timeout=15) == 0
+    assert "Traceback" not in web.log.read_text()

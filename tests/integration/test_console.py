@@ -1,7 +1,7 @@
 """The console on a real loopback server over a real store, on SQLite and PostgreSQL.
 
 aiohttp's TestServer serves the very application `tracker web` serves; the requests are
-real HTTP. Only the browser is missing: tests/e2e/test_console_browser.py drives one.
+real HTTP. Only the browser is missing: the browser tests drive one.
 """
 
 from __future__ import annotations
@@ -407,7 +407,7 @@ async def _walk(client: Client, path: str) -> tuple[list[str], int]:
         assert response.status == 200, next_path
         page = await response.text()
         pages += 1
-        rows = re.findall(r'<td><a href="/batches/([^"]+)">', page)
+        rows = re.findall(r'<td class="nowrap"><a href="/batches/([^"]+)">', page)
         assert len(rows) <= PAGE_SIZE
         shown += rows
         link = re.search(r'<a rel="next" href="([^"]+)">', page)
@@ -447,7 +447,7 @@ def test_the_request_id_filter_is_a_literal_case_sensitive_prefix(console: Conso
         for prefix in ("abc", "abc_", "a%", "a*", "a[", "A", "zzz-8", "nothing"):
             response = await client.get("/batches", params={"q": prefix}, headers=BEARER)
             found[prefix] = sorted(
-                re.findall(r'<td><a href="/batches/([^"]+)">', await response.text())
+                re.findall(r'<td class="nowrap"><a href="/batches/([^"]+)">', await response.text())
             )
 
     console.serve(scenario)

@@ -34,7 +34,18 @@ class Identity:
 class Authenticator:
     def __init__(self, token: str, sessions: Sessions) -> None:
         self._token = token.encode("utf-8")
-        self.sessions = sessions
+        self._sessions = sessions
+
+    @property
+    def session_lifetime(self) -> float:
+        return self._sessions.lifetime
+
+    def open_session(self) -> str:
+        """A new session after a good login; its id goes into the cookie."""
+        return self._sessions.open()
+
+    def close_session(self, session_id: str) -> None:
+        self._sessions.close(session_id)
 
     def token_matches(self, given: str) -> bool:
         return hmac.compare_digest(given.encode("utf-8", errors="surrogateescape"), self._token)
@@ -52,7 +63,7 @@ class Authenticator:
                 return Identity(BEARER_IDENTITY)
             return None
         session_id = request.cookies.get(SESSION_COOKIE)
-        if session_id and self.sessions.is_open(session_id):
+        if session_id and self._sessions.is_open(session_id):
             return Identity(f"session:{session_id}", session_id)
         return None
 

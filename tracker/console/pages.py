@@ -169,8 +169,7 @@ async def login(request: web.Request) -> web.StreamResponse:
             next=next_path,
             error="That token is not the console's.",
         )
-    sessions = console.auth.sessions
-    session_id = sessions.open()
+    session_id = console.auth.open_session()
     _log.info("console.login", outcome="ok", remote=request.remote)
     response = web.HTTPSeeOther(next_path)
     # HttpOnly: no script reads it; Strict: no other site's link or form sends it. Secure
@@ -181,7 +180,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         httponly=True,
         samesite="Strict",
         path="/",
-        max_age=int(sessions.lifetime),
+        max_age=int(console.auth.session_lifetime),
         secure=request.secure,
     )
     raise response
@@ -190,7 +189,7 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     identity = identity_of(request)
     if identity is not None and identity.session_id is not None:
-        console_of(request).auth.sessions.close(identity.session_id)
+        console_of(request).auth.close_session(identity.session_id)
     response = web.HTTPSeeOther("/login")
     response.del_cookie(SESSION_COOKIE, path="/")
     raise response
