@@ -21,13 +21,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Dialog, Error, Page, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    ConsoleMessage,
+    Dialog,
+    Error,
+    Page,
+    ViewportSize,
+    sync_playwright,
+)
 
 from tests.browser.support import Console, Seeded, migrated_sqlite, seed, start_console
 from tests.conftest import IN_CI
 
 CHROMIUM = os.environ.get("TRACKER_TEST_CHROMIUM", "/usr/bin/chromium")
-VIEWPORT = {"width": 1280, "height": 800}
+VIEWPORT: ViewportSize = {"width": 1280, "height": 800}
 
 
 # Package scope, not session: while Playwright's sync API is open its event loop counts as
@@ -92,7 +100,7 @@ def page_events() -> PageEvents:
 def page(
     browser: Browser, page_events: PageEvents, request: pytest.FixtureRequest, tmp_path: Path
 ) -> Iterator[Page]:
-    context = browser.new_context(viewport=VIEWPORT)  # type: ignore[arg-type]
+    context = browser.new_context(viewport=VIEWPORT)
     new_page = context.new_page()
     new_page.set_default_timeout(10_000)
     new_page.on("dialog", page_events.on_dialog)
@@ -143,8 +151,7 @@ def console(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeededConsole]
 
 @pytest.fixture
 def own_console(tmp_path: Path) -> Iterator[Callable[..., SeededConsole]]:
-    """Start a console of the test's own (with the given arguments), for a test that
-    writes to its database."""
+    """Starts a console of the test's own, for a test that writes to its database."""
     with ExitStack() as stack:
 
         def start(*args: str) -> SeededConsole:

@@ -6,6 +6,7 @@ Plain functions and classes; the pytest fixtures built on them are in conftest.p
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ PRESIGNED_URL = (
     "&X-Amz-Signature=5ecre7519a7ure"
 )
 PRESIGNED_SECRETS = ("X-Amz-Signature", "5ecre7519a7ure", "AKIAEXAMPLE")
-FILE_SHA256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+# The downloaded batch's file: the console shows its path, size and checksum, never this.
+FILE_CONTENT = b"KYC data the console must never show\n"
+FILE_SHA256 = hashlib.sha256(FILE_CONTENT).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ def seed(database_url: str, output_dir: Path) -> Seeded:
     """
     s = SEEDED
     file_path = output_dir / f"{s.downloaded}.csv"
-    file_path.write_text("KYC data the console must never show\n")
+    file_path.write_bytes(FILE_CONTENT)
     engine = create_engine_for(database_url)
     try:
         with engine.begin() as connection:
