@@ -182,7 +182,8 @@ def _seed_rows(connection: sa.Connection, file_path: Path) -> None:
         " WHERE request_id = :rid",
         rid=s.failed,
     )
-    chains = {
+    # from_state, to_state, api_message, detail: the daemon's transitions for each batch.
+    chains: dict[str, list[tuple[str, str, str | None, str | None]]] = {
         s.downloaded: [
             ("pending", "processing", "in_progress", None),
             ("processing", "ready", "completed", f"download url {PRESIGNED_URL}"),
