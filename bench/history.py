@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,8 @@ from common import (
     temp_dir,
     utcnow,
 )
+
+from tests.statements import first_starting, sent_statements
 
 DUE = 1000
 CLAIMS = 10
@@ -118,32 +119,13 @@ def claim_round(store: Any) -> float:
     return elapsed
 
 
-@contextmanager
-def captured_claim_sql(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
-    captured: list[tuple[str, Any]] = []
-
-    def grab(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        if statement.lstrip().upper().startswith("UPDATE"):
-            captured.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", grab)
-    try:
-        yield captured
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", grab)
-
-
 def query_plan(engine: sa.Engine, store: Any) -> list[str]:
     """EXPLAIN of the claim statement exactly as `Store.claim_due` sends it (not executed)."""
-    with captured_claim_sql(engine) as captured:
+    with sent_statements(engine) as sent:
         # Real time, with due rows left: the plan the planner picks at work (it claims them).
         store.claim_due("plan", CLAIM_SIZE, 300.0, utcnow())
     # The claim's transaction also refreshes the owner's heartbeat: pick the claim itself.
-    statement, parameters = next(
-        (sql, params)
-        for sql, params in captured
-        if sql.lstrip().startswith("UPDATE tracker_batches")
-    )
+    statement, parameters = first_starting(sent, "UPDATE tracker_batches")
     raw = engine.raw_connection()
     try:
         cursor = raw.cursor()

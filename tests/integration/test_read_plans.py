@@ -11,30 +11,14 @@ whole table.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
+from tests.statements import Sent, first_starting, sent_statements
 from tracker.db import create_engine_for, upgrade_database
 from tracker.store import Store
-
-
-@contextmanager
-def _statements(engine: sa.Engine) -> Iterator[list[tuple[str, Any]]]:
-    seen: list[tuple[str, Any]] = []
-
-    def record(connection: Any, cursor: Any, statement: str, parameters: Any, *_: Any) -> None:
-        seen.append((statement, parameters))
-
-    sa.event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield seen
-    finally:
-        sa.event.remove(engine, "before_cursor_execute", record)
 
 
 def _filled_sqlite(sqlite_url: str) -> tuple[sa.Engine, Store]:
@@ -55,8 +39,8 @@ def _filled_sqlite(sqlite_url: str) -> tuple[sa.Engine, Store]:
     return engine, store
 
 
-def _plan_of(engine: sa.Engine, seen: list[tuple[str, Any]], starts: str) -> list[str]:
-    statement, parameters = next((sql, p) for sql, p in seen if sql.lstrip().startswith(starts))
+def _plan_of(engine: sa.Engine, sent: list[Sent], starts: str) -> list[str]:
+    statement, parameters = first_starting(sent, starts)
     with engine.connect() as connection:
         explained = connection.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, parameters)
         return [row[3] for row in explained]
@@ -64,9 +48,9 @@ def _plan_of(engine: sa.Engine, seen: list[tuple[str, Any]], starts: str) -> lis
 
 def test_the_claim_reads_the_unfinished_rows_through_the_partial_index(sqlite_url: str) -> None:
     engine, store = _filled_sqlite(sqlite_url)
-    with _statements(engine) as seen:
+    with sent_statements(engine) as sent:
         assert len(store.claim_due("me", 5, 60, datetime.now(UTC))) == 5
-    plan = _plan_of(engine, seen, "UPDATE tracker_batches")
+    plan = _plan_of(engine, sent, "UPDATE tracker_batches")
     engine.dispose()
     # Through an index on the unfinished rows, never a walk over the whole table.
     assert "SCAN tracker_batches" not in plan, plan
@@ -75,10 +59,10 @@ def test_the_claim_reads_the_unfinished_rows_through_the_partial_index(sqlite_ur
 
 def test_the_recent_errors_read_only_the_rows_with_an_error(sqlite_url: str) -> None:
     engine, store = _filled_sqlite(sqlite_url)
-    with _statements(engine) as seen:
+    with sent_statements(engine) as sent:
         errors = store.recent_errors(10)
     assert len(errors) == 10 and all(row.last_error == "batch failed" for row in errors)
-    plan = _plan_of(engine, seen, "SELECT")
+    plan = _plan_of(engine, sent, "SELECT")
     engine.dispose()
     assert plan == ["SCAN tracker_batches USING INDEX ix_tracker_batches_recent_errors"], plan
 
@@ -95,9 +79,9 @@ def test_the_recent_errors_use_their_index_on_postgresql(pg_url: str) -> None:
         )
         connection.exec_driver_sql("ANALYZE tracker_batches")
     store = Store(engine)
-    with _statements(engine) as seen:
+    with sent_statements(engine) as sent:
         assert len(store.recent_errors(10)) == 10
-    statement, parameters = next((sql, p) for sql, p in seen if sql.lstrip().startswith("SELECT"))
+    statement, parameters = first_starting(sent, "SELECT")
     with engine.connect() as connection:
         plan = "\n".join(
             str(row[0]) for row in connection.exec_driver_sql("EXPLAIN " + statement, parameters)
