@@ -7,7 +7,6 @@ Plain functions and classes; the pytest fixtures built on them are in conftest.p
 from __future__ import annotations
 
 import hashlib
-import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from tests.e2e.support import TRACKER, plain_env, wait_until
+from tests.e2e.support import TRACKER, free_port, plain_env, wait_until
 from tracker.db import create_engine_for, upgrade_database
 
 TOKEN = "browser-test-console-token-0123456789"
@@ -54,14 +53,6 @@ class Seeded:
 
 
 SEEDED = Seeded()
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on now (the console binds it a moment later)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -255,6 +256,14 @@ def wait_all_downloaded(database_url: str, count: int, timeout: float) -> None:
 
 
 # --------------------------------------------------------------------------- assertions
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now (the process under test binds it a moment
+    later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def tag() -> str:

@@ -14,7 +14,15 @@ import psycopg
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.support import Daemon, FakeApi, raw_insert, states, tracker_env, wait_until
+from tests.e2e.support import (
+    Daemon,
+    FakeApi,
+    free_port,
+    raw_insert,
+    states,
+    tracker_env,
+    wait_until,
+)
 from tracker.listen import libpq_url
 
 pytestmark = pytest.mark.e2e
@@ -55,12 +63,6 @@ def notify_socket(tmp_path: Path) -> Iterator[NotifySocket]:
     sock = NotifySocket(tmp_path / "notify.sock")
     yield sock
     sock.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_sd_notify_ready_watchdog_status_stopping(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from tests.e2e.support import (
     Daemon,
     FakeApi,
     batch_rows,
+    free_port,
     raw_insert,
     run_tracker,
     states,
@@ -35,12 +35,6 @@ SECRET = "e2e-" + uuid.uuid4().hex
 COMPLETION_DELAY = 2.0
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _status_calls(api: FakeApi) -> dict[str, int]:
     calls: dict[str, int] = api.stats()["status_calls"]
     return calls
@@ -52,7 +46,7 @@ def test_webhooks_bring_checks_forward(
     fake_api: Callable[..., FakeApi],
     run_daemon: Callable[[dict[str, str]], Daemon],
 ) -> None:
-    port = _free_port()
+    port = free_port()
     hook = f"http://127.0.0.1:{port}/webhook/{SECRET}"
     api = fake_api("--completion-delay", str(COMPLETION_DELAY), "--webhook-url", hook)
     env = tracker_env(
@@ -139,7 +133,7 @@ def test_webhook_url_and_submit_with_it(
     run_daemon: Callable[[dict[str, str]], Daemon],
 ) -> None:
     api = fake_api("--completion-delay", str(COMPLETION_DELAY))
-    port = _free_port()
+    port = free_port()
     plain = tracker_env(sqlite_url, api.url, tmp_path / "out")
     unset = run_tracker(plain, "webhook-url")
     assert unset.returncode == 2

@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.e2e.support import free_port
 from tracker.daemon import WEBHOOK_MAX_BODY
 from tracker.domain.addresses import parse_listen_address
 from tracker.http_listener import start_listener
@@ -594,12 +594,6 @@ def test_caddy_forwards_only_the_webhook_path() -> None:
 SECRET = "proxy-test-" + "s3cr3t" * 4
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def _wait_until_serving(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
     """Until `url` answers over TLS (Caddy listens before its internal certificate is
     issued)."""
@@ -709,7 +703,7 @@ def _caddy_copy(directory: Path, port: int, upstream: int) -> Path:
     replacements = {
         "{\n\tlog default": (
             f"{{\n\tadmin off\n\tskip_install_trust\n\tauto_https disable_redirects\n"
-            f"\thttp_port {_free_port()}\n\tstorage file_system {directory}/storage\n"
+            f"\thttp_port {free_port()}\n\tstorage file_system {directory}/storage\n"
             "\tlog default"
         ),
         "tracker.example.com {": f"https://127.0.0.1:{port} {{\n\ttls internal",
@@ -730,7 +724,7 @@ def _caddy_env(directory: Path) -> dict[str, str]:
 
 
 def test_nginx_accepts_the_site(tmp_path: Path) -> None:
-    main = _nginx_copy(tmp_path, _free_port(), _free_port())
+    main = _nginx_copy(tmp_path, free_port(), free_port())
     result = _run(*_nginx_command(main), "-t")
     assert result.returncode == 0, result.stderr
 
@@ -747,7 +741,7 @@ def test_caddy_validates_the_caddyfile(tmp_path: Path) -> None:
 @contextmanager
 def _proxy(kind: str, directory: Path, upstream: int) -> Iterator[str]:
     """nginx or Caddy, as shipped but on loopback, in front of `upstream`; its base URL."""
-    port = _free_port()
+    port = free_port()
     log = directory / "proxy.out"
     if kind == "nginx":
         command = [*_nginx_command(_nginx_copy(directory, port, upstream)), "-g", "daemon off;"]
