@@ -26,6 +26,7 @@ import httpx
 import pytest
 from aiohttp import web
 
+from tests.e2e.support import start_fake_api
 from tracker.simulator import (
     MULTIPART_THRESHOLD,
     SimulatorConfig,
@@ -714,30 +715,20 @@ def test_throttle_first_is_off_by_default(client: httpx.Client, sim: SimulatorHa
 
 
 def test_fake_api_command_takes_the_throttle_options() -> None:
-    root = Path(__file__).resolve().parents[2]
     throttle = ["--throttle-first", "1", "--throttle-retry-after", "Wed, 21 Oct 2015 07:28:00 GMT"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tracker", "fake-api", "--port", "0", *throttle],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
-    )
+    api = start_fake_api(*throttle)
     try:
-        assert proc.stdout is not None
-        base_url = json.loads(proc.stdout.readline())["url"]
-        with httpx.Client(base_url=base_url, timeout=10) as client:
+        with httpx.Client(base_url=api.url, timeout=10) as client:
             headers = auth_headers(client)
             throttled = status(client, headers, "r")
             assert throttled.status_code == 429
             assert throttled.headers["retry-after"] == "Wed, 21 Oct 2015 07:28:00 GMT"
             assert status(client, headers, "r").status_code == 200
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        api.process.terminate()
+        api.process.wait(timeout=10)
+        if api.process.stdout is not None:
+            api.process.stdout.close()
 
 
 # --------------------------------------------------------------------------- overlapping calls
@@ -1208,24 +1199,14 @@ def test_non_loopback_webhook_urls_are_refused(url: str, client: httpx.Client) -
 
 
 def test_fake_api_webhook_flags(receiver: Receiver) -> None:
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "tracker", "fake-api", "--port", "0"),
-            *("--completion-delay", "0.2", "--webhook-url", receiver.url),
-            *("--webhook-delay", "0.1:0.2", "--webhook-duplicates", "2"),
-            *("--webhook-wrong-secret-rate", "1", "--webhook-garbage-rate", "1"),
-        ],
-        cwd=root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(root)},
+    api = start_fake_api(
+        *("--completion-delay", "0.2", "--webhook-url", receiver.url),
+        *("--webhook-delay", "0.1:0.2", "--webhook-duplicates", "2"),
+        *("--webhook-wrong-secret-rate", "1", "--webhook-garbage-rate", "1"),
     )
+    proc = api.process
     try:
-        assert proc.stdout is not None
-        base_url = json.loads(proc.stdout.readline())["url"]
-        with httpx.Client(base_url=base_url) as c:
+        with httpx.Client(base_url=api.url) as c:
             status(c, auth_headers(c), "cli-1")
             got = receiver.wait_for(2, timeout=10)
         assert all(not path.endswith("/s3cret") for path, _, _ in got)
