@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 from tracker.domain.model import Decision, Tracked
 from tracker.domain.states import State
+from tracker.schema import batches
 from tracker.store import (
     BatchWrite,
     LeaseExtension,
@@ -285,3 +286,19 @@ def test_prune_deletes_only_old_final_batches_in_chunks(engine: sa.Engine) -> No
             )
         ).scalar_one()
     assert orphans == 0
+
+
+def test_load_history_counts_the_unfinished_batches(engine: sa.Engine) -> None:
+    """What the budget-aware schedule learns the load from (Store.load_history)."""
+    store = Store(engine)
+    store.enqueue_many(["open-1", "open-2", "done-1"])
+    with engine.begin() as connection:
+        connection.execute(
+            batches.update()
+            .where(batches.c.request_id == "done-1")
+            .values(state="downloaded", finished_at=NOW)
+        )
+    lifetimes, first_seen, open_batches = store.load_history(NOW - timedelta(days=1))
+    assert open_batches == 2
+    assert len(lifetimes) == 3
+    assert first_seen is not None
